@@ -1,0 +1,1 @@
+"""Checkpoint import/export: HF safetensors (hf.py)."""

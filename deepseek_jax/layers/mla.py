@@ -1,0 +1,54 @@
+"""Multi-head Latent Attention with its lightning indexer (spec §2-§3).
+
+q: c_q = RMSNorm(W_qa x) (also the indexer's query input), q = W_qb c_q split [nope | rope],
+interleaved RoPE on the rope part. kv: [c_kv | k_rope] = W_kva x, c_kv RMSNorm'd, k_rope
+RoPE'd and shared by every head. W_kvb [C, H, N+V] holds per head [W_UK ; W_UV].
+`attention.mla_attention` picks MHA (dense) or absorbed sparse attention.
+
+Legend: B batch, T tokens, D model dim, Q q latent rank, C kv latent rank, H heads,
+K = N + R qk head dim, V v head dim.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from deepseek_jax import attention
+from deepseek_jax.layers.indexer import Indexer
+from deepseek_jax.layers.linear import Einsum
+from deepseek_jax.layers.norms import RMSNorm
+from deepseek_jax.layers.rope import apply_rope_interleaved
+
+
+class MLA(nn.Module):
+    cfg: Any
+    attention_mode: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, cos, sin):
+        """x [B, T, D] (normed) -> (out [B, T, D], indexer indices [B, T, topk] or None)."""
+        cfg = self.cfg
+        dtype, pdtype, std, eps = cfg.compute_dtype, cfg.params_dtype, cfg.initializer_range, cfg.rms_norm_eps
+        h, nope, rope, c = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+
+        q_latent = Einsum((cfg.hidden_size, cfg.q_lora_rank), ("embed", "q_lora"), dtype, pdtype, std,
+                          name="q_a_proj")("BTD,DQ->BTQ", x)
+        q_latent = RMSNorm(eps, dtype, pdtype, name="q_a_norm")(q_latent)
+        q = Einsum((cfg.q_lora_rank, h, cfg.qk_head_dim), ("q_lora", "heads", "qk_head_dim"), dtype, pdtype, std,
+                   name="q_b_proj")("BTQ,QHK->BTHK", q_latent)
+        q_nope, q_rope = q[..., :nope], apply_rope_interleaved(q[..., nope:], cos, sin)
+
+        kv = Einsum((cfg.hidden_size, c + rope), ("embed", "kv_lora_rope"), dtype, pdtype, std,
+                    name="kv_a_proj")("BTD,DC->BTC", x)
+        c_kv = RMSNorm(eps, dtype, pdtype, name="kv_a_norm")(kv[..., :c])
+        k_rope = apply_rope_interleaved(kv[..., c:], cos, sin)
+        kv_b = self.param("kv_b_proj", nn.with_logical_partitioning(
+            nn.initializers.normal(std), ("kv_lora", "heads", "kv_head_dim")), (c, h, nope + cfg.v_head_dim), pdtype)
+
+        index_inputs = Indexer(cfg, name="indexer")(x, q_latent, cos, sin)
+        o, indices = attention.mla_attention(q_nope, q_rope, c_kv, k_rope, kv_b, index_inputs, cfg=cfg,
+                                             mode=self.attention_mode)
+        out = Einsum((h, cfg.v_head_dim, cfg.hidden_size), ("heads", "v_head_dim", "embed"), dtype, pdtype, std,
+                     name="o_proj")("BTHV,HVD->BTD", o)
+        return out, indices

@@ -1,0 +1,90 @@
+"""DeepSeekMoE: sigmoid group-limited routing + dropless routed experts + shared expert (spec §5).
+
+Routing (float32): s = sigmoid(x·Wg); experts are *selected* on s + b (b =
+`e_score_correction_bias`, the aux-loss-free balancing bias, never a gradient target): group
+score = sum of the top-2 biased scores, keep `topk_group` groups, then the top-k experts.
+The *weights* are the unbiased s of those experts, normalised to sum 1, × routed_scaling_factor.
+Dispatch is dropless: token copies are sorted by expert and run through `jax.lax.ragged_dot`.
+Also returns per-expert token counts (for the bias update) and the sequence-wise balance
+statistic Σ_i f_i P_i (spec §5), averaged over sequences.
+
+Legend: B batch, T tokens, N = B·T, D model dim, E experts, F expert inner dim, K experts/token.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.layers.mlp import MLP
+
+
+def route(scores, bias, *, n_group, topk_group, top_k, scaling):
+    """scores [N, E] = sigmoid gate (float32), bias [E] -> (weights [N, K] f32, experts [N, K] i32)."""
+    n, e = scores.shape
+    biased = scores + bias[None, :]
+    grouped = biased.reshape(n, n_group, e // n_group)
+    if n_group > 1:
+        group_scores = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)  # [N, G]
+        _, kept = jax.lax.top_k(group_scores, topk_group)
+        group_mask = jnp.zeros((n, n_group), bool).at[jnp.arange(n)[:, None], kept].set(True)
+        biased = jnp.where(group_mask[:, :, None], grouped, -jnp.inf).reshape(n, e)
+    _, experts = jax.lax.top_k(biased, top_k)
+    weights = jnp.take_along_axis(scores, experts, axis=-1)
+    weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20) * scaling
+    return weights, experts.astype(jnp.int32)
+
+
+def dispatch_experts(x, experts, weights, w_gate, w_up, w_down):
+    """Dropless expert FFN: x [N, D], experts/weights [N, K], w_* [E, ...] -> [N, D]."""
+    n, k = experts.shape
+    e = w_gate.shape[0]
+    dtype = x.dtype
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    xs = x[order // k]
+    sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+    ragged = lambda a, w: jax.lax.ragged_dot(a, w.astype(dtype), sizes, preferred_element_type=jnp.float32)
+    h = (jax.nn.silu(ragged(xs, w_gate)) * ragged(xs, w_up)).astype(dtype)
+    ys = ragged(h, w_down)  # [N·K, D] float32, sorted by expert
+    y = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)
+    return jnp.einsum("NKD,NK->ND", y, weights).astype(dtype)
+
+
+class MoE(nn.Module):
+    cfg: Any
+
+    @nn.compact
+    def __call__(self, x):
+        """x [B, T, D] -> (y [B, T, D], {"expert_load": [E] int32, "balance": scalar f32})."""
+        cfg = self.cfg
+        b, t, d = x.shape
+        e, f, std = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.initializer_range
+        pdtype = cfg.params_dtype
+
+        gate = self.param("gate", nn.with_logical_partitioning(nn.initializers.normal(std), ("embed", "expert")),
+                          (d, e), jnp.float32)
+        bias = self.param("gate_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("expert",)),
+                          (e,), jnp.float32)
+        init = lambda: nn.with_logical_partitioning(nn.initializers.normal(std), ("expert", "embed", "moe_mlp"))
+        w_gate = self.param("w_gate", init(), (e, d, f), pdtype)
+        w_up = self.param("w_up", init(), (e, d, f), pdtype)
+        w_down = self.param("w_down", nn.with_logical_partitioning(
+            nn.initializers.normal(std), ("expert", "moe_mlp", "embed")), (e, f, d), pdtype)
+
+        tokens = x.reshape(b * t, d)
+        scores = jax.nn.sigmoid(jnp.einsum("ND,DE->NE", tokens.astype(jnp.float32), gate,
+                                           precision=jax.lax.Precision.HIGHEST))
+        weights, experts = route(scores, jax.lax.stop_gradient(bias), n_group=cfg.n_group,
+                                 topk_group=cfg.topk_group, top_k=cfg.num_experts_per_tok,
+                                 scaling=cfg.routed_scaling_factor)
+        y = dispatch_experts(tokens, experts, weights, w_gate, w_up, w_down).reshape(b, t, d)
+        if cfg.n_shared_experts:
+            y = y + MLP(cfg, f * cfg.n_shared_experts, axis="moe_mlp", name="shared")(x)
+
+        chosen = jax.nn.one_hot(experts, e, dtype=jnp.float32).sum(1).reshape(b, t, e)
+        frac = chosen.mean(1) * (e / cfg.num_experts_per_tok)                     # f_i per sequence
+        prob = (scores / jnp.sum(scores, -1, keepdims=True)).reshape(b, t, e).mean(1)  # P_i per sequence
+        aux = {"expert_load": chosen.sum((0, 1)).astype(jnp.int32), "balance": jnp.mean(jnp.sum(frac * prob, -1))}
+        return y, aux

@@ -1,0 +1,89 @@
+"""Transformer: embeddings -> dense blocks -> MoE blocks -> RMSNorm -> lm_head (+ MTP) (spec §1, §6).
+
+Both block groups are stacked with `nn.scan`, so compile time does not grow with depth; their
+params carry a leading "layers" axis. `__call__` returns (logits [B, T, V] float32, aux) where
+aux holds, per MoE layer, the expert loads [L, E] and balance statistics [L]; with
+`return_indices`, the indexer selections per layer ({"dense"|"moe"|"mtp"}: [L, B, T, K]); and
+when MTP runs, `mtp_logits` [depth, B, T, V] (position i at depth k predicts token i + k + 1).
+
+Legend: B batch, T tokens, D model dim, V vocab.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.attention import resolve_mode
+from deepseek_jax.layers.block import Block
+from deepseek_jax.layers.mtp import MTP
+from deepseek_jax.layers.norms import RMSNorm
+from deepseek_jax.layers.rope import rope_cos_sin
+
+
+def _stack(cfg, n, moe, mode, return_indices, name):
+    scanned = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast, nn.broadcast), length=n,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+    return scanned(cfg, moe=moe, attention_mode=mode, return_indices=return_indices, name=name)
+
+
+class Transformer(nn.Module):
+    cfg: Any
+
+    @nn.compact
+    def __call__(self, tokens, *, positions=None, attention="auto", with_mtp=True, return_indices=False):
+        cfg = self.cfg
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens: expected an integer array [batch, seq], got {tokens.dtype} {tokens.shape}")
+        b, t = tokens.shape
+        mode = resolve_mode(attention, t, cfg)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        cos, sin = rope_cos_sin(positions, cfg)
+
+        embedding = self.param("embed", nn.with_logical_partitioning(
+            nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")),
+            (cfg.vocab_size, cfg.hidden_size), cfg.params_dtype)
+        embed = lambda ids: jnp.take(embedding, ids, axis=0).astype(cfg.compute_dtype)
+        head = self.param("lm_head", nn.with_logical_partitioning(
+            nn.initializers.normal(cfg.initializer_range), ("embed", "vocab")),
+            (cfg.hidden_size, cfg.vocab_size), cfg.params_dtype)
+        logits_of = lambda h: jnp.einsum("BTD,DV->BTV", h, head.astype(cfg.compute_dtype),
+                                         preferred_element_type=jnp.float32)
+        final_norm = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.params_dtype, name="final_norm")
+
+        x = embed(tokens)
+        aux: dict = {"indices": {}}
+        for name, n, moe in (("dense_layers", cfg.first_k_dense_replace, False),
+                             ("moe_layers", cfg.num_moe_layers, True)):
+            if n == 0:
+                continue
+            x, layer_aux = _stack(cfg, n, moe, mode, return_indices, name)(x, cos, sin)
+            if "indices" in layer_aux:
+                aux["indices"][name] = layer_aux.pop("indices")
+            aux.update(layer_aux)
+        hidden = final_norm(x)
+        logits = logits_of(hidden)
+
+        if with_mtp and cfg.num_nextn_predict_layers:
+            mtp_logits, mtp_indices = [], []
+            h = hidden
+            for depth in range(1, cfg.num_nextn_predict_layers + 1):
+                # Position i reads token i + depth; the last `depth` positions see padding (id 0).
+                shifted = jnp.pad(tokens[:, depth:], ((0, 0), (0, depth)))
+                h, normed, mtp_aux = MTP(cfg, mode, name=f"mtp_{depth - 1}")(h, embed(shifted), cos, sin)
+                mtp_logits.append(logits_of(normed))
+                if "indices" in mtp_aux:
+                    mtp_indices.append(mtp_aux["indices"])
+            aux["mtp_logits"] = jnp.stack(mtp_logits)
+            if mtp_indices:
+                aux["indices"]["mtp"] = jnp.stack(mtp_indices)
+        return logits, aux
+
+
+def forward(params, tokens, cfg, *, attention: str = "auto") -> jax.Array:
+    """Logits [B, T, vocab] float32; sparse attention when T > cfg.index_topk (see attention.py)."""
+    logits, _ = Transformer(cfg).apply({"params": params}, tokens, attention=attention, with_mtp=False)
+    return logits

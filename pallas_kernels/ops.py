@@ -1,0 +1,52 @@
+"""Public DSA entry points: `indexer_topk` and `sparse_mla` (their names and shapes are a contract).
+
+`impl="auto"` picks the fastest implementation available for the backend; today that is the
+pure-JAX reference everywhere (the Pallas kernels are not written yet, so `impl="pallas"` is
+refused with a clear error rather than silently falling back).
+"""
+
+from pallas_kernels.indexer.reference import indexer_topk_reference
+from pallas_kernels.sparse_mla.reference import sparse_mla_reference
+
+_IMPLS = ("auto", "reference")
+
+
+def _check_impl(impl):
+    if impl == "pallas":
+        raise ValueError("impl='pallas': no Pallas DSA kernel is built yet; use impl='auto' or 'reference'")
+    if impl not in _IMPLS:
+        raise ValueError(f"impl: expected one of {_IMPLS + ('pallas',)}, got {impl!r}")
+
+
+def indexer_topk(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, impl="auto", interpret=False,
+                 chunk_size=256):
+    """Top-k keys of the lightning indexer.
+
+    q [B, T, H, D], k [B, S, D], w [B, T, H] (float32; any q scale folded in), optional
+    k_scale [B, S] (FP8 keys) -> int32 [B, T, topk] indices of the largest
+    I[t, s] = k_scale[s] Σ_h w[t, h] relu(q[t, h]·k[s]) over s <= t + q_offset, s < k_len[b];
+    -1 marks slots with no valid key. Ties: lowest index first.
+    """
+    del interpret
+    _check_impl(impl)
+    if q.ndim != 4 or k.ndim != 3 or w.ndim != 3:
+        raise ValueError(f"indexer_topk: expected q [B,T,H,D], k [B,S,D], w [B,T,H]; got {q.shape}, {k.shape}, {w.shape}")
+    if q.shape[-1] != k.shape[-1] or q.shape[:3] != w.shape or q.shape[0] != k.shape[0]:
+        raise ValueError(f"indexer_topk: shapes disagree: q {q.shape}, k {k.shape}, w {w.shape}")
+    return indexer_topk_reference(q, k, w, topk=topk, k_scale=k_scale, q_offset=q_offset, k_len=k_len,
+                                  chunk_size=chunk_size)
+
+
+def sparse_mla(q, kv, indices, *, scale, v_dim=512, impl="auto", interpret=False, chunk_size=256):
+    """Attention over the selected latent rows.
+
+    q [B, T, H, Dqk], kv [B, S, Dqk], indices [B, T, K] (-1 = unused) -> [B, T, H, v_dim], the
+    values being kv[..., :v_dim]; softmax over the selected rows only.
+    """
+    del interpret
+    _check_impl(impl)
+    if q.ndim != 4 or kv.ndim != 3 or indices.ndim != 3:
+        raise ValueError(f"sparse_mla: expected q [B,T,H,D], kv [B,S,D], indices [B,T,K]; got {q.shape}, {kv.shape}, {indices.shape}")
+    if q.shape[-1] != kv.shape[-1] or q.shape[:2] != indices.shape[:2] or v_dim > kv.shape[-1]:
+        raise ValueError(f"sparse_mla: shapes disagree: q {q.shape}, kv {kv.shape}, indices {indices.shape}, v_dim {v_dim}")
+    return sparse_mla_reference(q, kv, indices, scale=scale, v_dim=v_dim, chunk_size=chunk_size)
