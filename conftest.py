@@ -1,0 +1,16 @@
+"""Test-wide setup: 8 simulated CPU devices and a persistent compilation cache.
+
+XLA_FLAGS must be set before JAX initialises its backends, hence here at the repo root.
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+
+_cache = os.environ.get("DEEPSEEK_JAX_COMPILE_CACHE", os.path.join(os.path.dirname(__file__), ".jax_cache"))
+jax.config.update("jax_compilation_cache_dir", _cache)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
