@@ -54,7 +54,8 @@ class Transformer(nn.Module):
                                          preferred_element_type=jnp.float32)
         final_norm = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.params_dtype, name="final_norm")
 
-        x = embed(tokens)
+        # A zero "perturbation" hook: gradients w.r.t. it are gradients w.r.t. the input embeddings.
+        x = self.perturb("embeddings", embed(tokens))
         aux: dict = {"indices": {}}
         for name, n, moe in (("dense_layers", cfg.first_k_dense_replace, False),
                              ("moe_layers", cfg.num_moe_layers, True)):
