@@ -9,6 +9,7 @@ when MTP runs, `mtp_logits` [depth, B, T, V] (position i at depth k predicts tok
 Legend: B batch, T tokens, D model dim, V vocab.
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -84,6 +85,7 @@ class Transformer(nn.Module):
         return logits, aux
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "attention"))
 def forward(params, tokens, cfg, *, attention: str = "auto") -> jax.Array:
     """Logits [B, T, vocab] float32; sparse attention when T > cfg.index_topk (see attention.py)."""
     logits, _ = Transformer(cfg).apply({"params": params}, tokens, attention=attention, with_mtp=False)

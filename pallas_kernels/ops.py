@@ -19,7 +19,7 @@ def _check_impl(impl):
 
 
 def indexer_topk(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, impl="auto", interpret=False,
-                 chunk_size=256):
+                 chunk_size=256, key_block=4096):
     """Top-k keys of the lightning indexer.
 
     q [B, T, H, D], k [B, S, D], w [B, T, H] (float32; any q scale folded in), optional
@@ -34,7 +34,7 @@ def indexer_topk(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, impl="a
     if q.shape[-1] != k.shape[-1] or q.shape[:3] != w.shape or q.shape[0] != k.shape[0]:
         raise ValueError(f"indexer_topk: shapes disagree: q {q.shape}, k {k.shape}, w {w.shape}")
     return indexer_topk_reference(q, k, w, topk=topk, k_scale=k_scale, q_offset=q_offset, k_len=k_len,
-                                  chunk_size=chunk_size)
+                                  chunk_size=chunk_size, key_block=key_block)
 
 
 def sparse_mla(q, kv, indices, *, scale, v_dim=512, impl="auto", interpret=False, chunk_size=256):
