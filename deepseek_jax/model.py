@@ -75,7 +75,7 @@ class Transformer(nn.Module):
             for depth in range(1, cfg.num_nextn_predict_layers + 1):
                 # Position i reads token i + depth; the last `depth` positions see padding (id 0).
                 shifted = jnp.pad(tokens[:, depth:], ((0, 0), (0, depth)))
-                h, normed, mtp_aux = MTP(cfg, mode, name=f"mtp_{depth - 1}")(h, embed(shifted), cos, sin)
+                h, normed, mtp_aux = MTP(cfg, mode, return_indices, name=f"mtp_{depth - 1}")(h, embed(shifted), cos, sin)
                 mtp_logits.append(logits_of(normed))
                 if "indices" in mtp_aux:
                     mtp_indices.append(mtp_aux["indices"])

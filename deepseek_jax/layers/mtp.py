@@ -21,6 +21,7 @@ from deepseek_jax.layers.norms import RMSNorm
 class MTP(nn.Module):
     cfg: Any
     attention_mode: str = "auto"
+    return_indices: bool = False
 
     @nn.compact
     def __call__(self, hidden, next_embeddings, cos, sin):
@@ -30,5 +31,6 @@ class MTP(nn.Module):
         joined = jnp.concatenate([norm("enorm")(next_embeddings), norm("hnorm")(hidden)], axis=-1)
         h = Einsum((2 * cfg.hidden_size, cfg.hidden_size), ("embed_concat", "embed"), cfg.compute_dtype,
                    cfg.params_dtype, cfg.initializer_range, name="eh_proj")("BTE,ED->BTD", joined)
-        h, aux = Block(cfg, moe=True, attention_mode=self.attention_mode, name="block")(h, cos, sin)
+        h, aux = Block(cfg, moe=True, attention_mode=self.attention_mode, return_indices=self.return_indices,
+                       name="block")(h, cos, sin)
         return h, norm("shared_head_norm")(h), aux
