@@ -4,7 +4,8 @@ The block is `deepseek_jax.layers.mla.MLA`: q/kv projections, lightning indexer,
 output projection. For each T one set of params is drawn and both paths run on the same input:
 
   sparse: attention_mode="sparse" - indexer top-k (k = --topk) + absorbed sparse MLA, chunked
-          over queries; attention work O(T·k), the indexer scores O(T²) but keeps O(chunk·T).
+          over queries; attention work O(T·k), memory O(T). The indexer still scores every
+          (query, key) pair, so its O(T²) work dominates the time at long T.
   dense : attention_mode="dense"  - causal MHA with an [H, T, T] float32 score tensor; skipped
           ("skipped" in the table, null in the JSON) when H·T²·4 bytes > --max_dense_bytes.
 
@@ -12,7 +13,7 @@ Each path is jitted with the mode static, compiled once with `.lower(...).compil
 warm up, then timed --repeats times with `block_until_ready`; the median is reported.
 
     python -m experiments.bench_attention [--preset=small] [--seq_lens=2048,...,32768] [--topk=256]
-        [--repeats=3] [--dtype=float32] [--chunk=N] [--max_dense_bytes=8e9] [--out=bench_attention.json]
+        [--repeats=1] [--dtype=float32] [--chunk=N] [--max_dense_bytes=8e9] [--out=bench_attention.json]
 
 Columns:
   T               sequence length (queries = keys; batch --batch)
@@ -24,15 +25,17 @@ Columns:
                   backend has no memory analysis); the JSON also keeps temp alone
   dense_peak_MiB  the same for the dense path
   T2_fp32_MiB     T²·4 bytes: one [T, T] float32 array, the yardstick of quadratic memory
-  sparse/T2       sparse peak / (T²·4); the sparse path must stay far below 1 at T = 16K, and
-                  shrink as T grows, or something in it materialises a [T, T] array
+  sparse/T2       sparse peak / (T²·4); must be well below 1 at T = 16K and halve each time T
+                  doubles (memory O(T)); if it stops falling, something materialises [T, T]
 Then the growth exponent of each path: the least-squares slope of log(time) vs log(T) over the
 Ts it ran (2 = quadratic). The sparse path still has the indexer's O(T²) scoring, so its
 exponent is above 1 and nears 2 once the indexer dominates.
 
 Absolute times on shared machines (and CPUs) are noisy; the dense/sparse ratio and the growth
-exponents are what matter. On a 2-core CPU the default run (float32, "small" dims, T up to
-32K) takes a few minutes, most of it in the sparse path at 32K.
+exponents are what matter. --repeats defaults to 1 (one warm-up + one timed run per path and T)
+so that the default run stays near 10 minutes on a shared 2-core CPU, where --repeats=3 took 15
+minutes, most of it in the sparse path at 32K and the dense path at 8K; use --repeats=3 or more
+on a quiet machine or an accelerator.
 """
 
 import json
@@ -52,7 +55,7 @@ _PRESET = flags.DEFINE_string("preset", "small", "ModelConfig preset whose atten
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["2048", "4096", "8192", "16384", "32768"], "sequence lengths T")
 _TOPK = flags.DEFINE_integer("topk", 256, "indexer top-k (overrides the preset's index_topk)")
 _BATCH = flags.DEFINE_integer("batch", 1, "batch size")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "timed runs per path and T (the median is reported)")
+_REPEATS = flags.DEFINE_integer("repeats", 1, "timed runs per path and T (the median is reported)")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "compute dtype")
 _CHUNK = flags.DEFINE_integer("chunk", None, "attention_chunk_size override (default: the preset's)")
 _MAX_DENSE_BYTES = flags.DEFINE_float("max_dense_bytes", 8e9,
