@@ -96,8 +96,8 @@ def _bench(cfg, mode, args, repeats):
 
 
 def _inputs(cfg, t, key):
-    """Params and (params, x, cos, sin) for length t. Params don't depend on t, so init reads a
-    short prefix of x: initialising on the full sequence would run an un-jitted forward."""
+    """(params, x, cos, sin) for length t. Params don't depend on t, so init reads a short
+    prefix of x: initialising on the full sequence would run an un-jitted forward."""
     b = _BATCH.value
     init_key, x_key = jax.random.split(key)
     x = jax.random.normal(x_key, (b, t, cfg.hidden_size), cfg.compute_dtype)

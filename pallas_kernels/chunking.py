@@ -7,28 +7,28 @@ import jax.numpy as jnp
 
 
 def map_query_chunks(fn: Callable, chunk: int, *arrays: jnp.ndarray):
-    """Applies fn(positions [Tc], *chunked arrays [B, Tc, ...]) over chunks of axis 1.
+    """Applies fn(positions [Tc], *chunks [B, Tc, ...]) -> pytree of [B, Tc, ...] over axis 1.
 
-    T is padded up to a multiple of `chunk`; outputs (a pytree of [B, Tc, ...]) are stitched
-    back to [B, T, ...]. Chunks run sequentially (`lax.map`), so peak memory is one chunk's.
+    Chunks are sliced out of the inputs and written into one preallocated output in a loop
+    (no padded or transposed copies of the inputs). When T is not a multiple of the chunk, the
+    last chunk is shifted back to end at T: it recomputes a few rows with identical values.
+    Differentiable (the loop has a static trip count).
     """
     t = arrays[0].shape[1]
     chunk = min(chunk, t)
     n = -(-t // chunk)
-    pad = n * chunk - t
-
-    def split(a):
-        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
-        a = a.reshape((a.shape[0], n, chunk) + a.shape[2:])
-        return jnp.moveaxis(a, 1, 0)
-
-    positions = jnp.arange(n * chunk, dtype=jnp.int32).reshape(n, chunk)
     if n == 1:
-        return fn(positions[0], *arrays)
-    out = jax.lax.map(lambda args: fn(args[0], *args[1:]), (positions,) + tuple(split(a) for a in arrays))
+        return fn(jnp.arange(t, dtype=jnp.int32), *arrays)
 
-    def join(o):
-        o = jnp.moveaxis(o, 0, 1)
-        return o.reshape((o.shape[0], n * chunk) + o.shape[3:])[:, :t]
+    def run(start):
+        positions = start + jnp.arange(chunk, dtype=jnp.int32)
+        return fn(positions, *(jax.lax.dynamic_slice_in_dim(a, start, chunk, axis=1) for a in arrays))
 
-    return jax.tree.map(join, out)
+    shapes = jax.eval_shape(run, jnp.int32(0))
+    out = jax.tree.map(lambda s: jnp.zeros((s.shape[0], t) + s.shape[2:], s.dtype), shapes)
+
+    def body(i, out):
+        start = jnp.minimum(i * chunk, t - chunk)
+        return jax.tree.map(lambda o, r: jax.lax.dynamic_update_slice_in_dim(o, r, start, axis=1), out, run(start))
+
+    return jax.lax.fori_loop(0, n, body, out)

@@ -7,8 +7,9 @@ decode and kernels (spec §11.12).
 
 Memory is bounded: queries run in chunks of `chunk_size` and, within a chunk, keys stream in
 blocks of `key_block` with a running top-k, so the working set is O(chunk · H · key_block +
-chunk · topk) — never a [T, S] array. Ties stay canonical across blocks because the running
-set (all lower indices, itself tie-ordered by index) is placed before each new block.
+chunk · topk) — never a [T, S] array. Only the blocks a chunk can see are scored (causality
+halves the work). Ties stay canonical across blocks because the running set (all lower
+indices, itself tie-ordered by index) is placed before each new block.
 
 Shapes: B batch, T queries, S keys, H indexer heads, D indexer head dim, K = topk.
 """
@@ -39,27 +40,28 @@ def indexer_topk_reference(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=Non
     block = min(key_block, s)
     n_blocks = -(-s // block)
     pad = n_blocks * block - s
-    k_blocks = jnp.pad(k, ((0, 0), (0, pad), (0, 0))).reshape(b, n_blocks, block, -1).swapaxes(0, 1)
-    scale = jnp.ones((b, s), jnp.float32) if k_scale is None else k_scale
-    scale_blocks = jnp.pad(scale, ((0, 0), (0, pad))).reshape(b, n_blocks, block).swapaxes(0, 1)
+    k = jnp.pad(k, ((0, 0), (0, pad), (0, 0)))
+    scale = jnp.ones((b, s), jnp.float32) if k_scale is None else k_scale.astype(jnp.float32)
+    scale = jnp.pad(scale, ((0, 0), (0, pad)))
 
     def chunk(positions, q_c, w_c):
         limit = jnp.minimum(positions[None, :] + q_offset + 1, k_len[:, None])[:, :, None]  # [B, Tc, 1]
 
-        def step(carry, blk):
+        def step(i, carry):
             best_s, best_i = carry
-            k_blk, scale_blk, start = blk
+            start = i * block
             keys = start + jnp.arange(block, dtype=jnp.int32)
-            scores = indexer_scores(q_c, k_blk, w_c, scale_blk)
+            scores = indexer_scores(q_c, jax.lax.dynamic_slice_in_dim(k, start, block, axis=1), w_c,
+                                    jax.lax.dynamic_slice_in_dim(scale, start, block, axis=1))
             scores = jnp.where(keys[None, None, :] < limit, scores, -jnp.inf)
             cand_s = jnp.concatenate([best_s, scores], axis=-1)
             cand_i = jnp.concatenate([best_i, jnp.broadcast_to(keys, scores.shape)], axis=-1)
             best_s, pos = jax.lax.top_k(cand_s, kk)
-            return (best_s, jnp.take_along_axis(cand_i, pos, axis=-1)), None
+            return best_s, jnp.take_along_axis(cand_i, pos, axis=-1)
 
         init = (jnp.full(q_c.shape[:2] + (kk,), -jnp.inf, jnp.float32), jnp.full(q_c.shape[:2] + (kk,), -1, jnp.int32))
-        starts = jnp.arange(n_blocks, dtype=jnp.int32) * block
-        (_, idx), _ = jax.lax.scan(step, init, (k_blocks, scale_blocks, starts))
+        visible = jnp.max(limit)  # blocks wholly past every query's last key are never scored
+        _, idx = jax.lax.fori_loop(0, (visible + block - 1) // block, step, init)
         # top-k keeps masked keys when fewer than kk are valid: re-apply the mask after it.
         return jnp.where((idx >= 0) & (idx < limit), idx, -1)
 
