@@ -9,6 +9,7 @@ clip(x/scale, ±448) rounded to e4m3 (round-to-nearest-even).
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 E4M3_MAX = 448.0
@@ -59,3 +60,28 @@ def dequantize_e4m3(y: jnp.ndarray, scale: jnp.ndarray, *, block: int = 128) -> 
     n = y.shape[-1]
     yb = y.astype(jnp.float32).reshape(y.shape[:-1] + (n // block, block))
     return (yb * scale[..., None]).reshape(y.shape)
+
+
+def dequantize_weight_blocks(w: np.ndarray, scale_inv: np.ndarray, *, block: int = 128) -> np.ndarray:
+    """DeepSeek's checkpoint rule W[r, c] = W_fp8[r, c] · scale_inv[r // 128, c // 128] (float32, host)."""
+    rows, cols = w.shape
+    expanded = np.repeat(np.repeat(scale_inv.astype(np.float32), block, 0), block, 1)[:rows, :cols]
+    return w.astype(np.float32) * expanded
+
+
+def quantize_weight_blocks(w: np.ndarray, *, block: int = 128, ue8m0: bool = True):
+    """Our block quantiser for [out, in] weights: one scale per 128x128 block (partial edge blocks
+    use their own amax), e4m3 values; returns (float8_e4m3fn weights, float32 scale_inv)."""
+    rows, cols = w.shape
+    nr, nc = -(-rows // block), -(-cols // block)
+    padded = np.zeros((nr * block, nc * block), np.float32)
+    padded[:rows, :cols] = w.astype(np.float32)
+    blocks = padded.reshape(nr, block, nc, block)
+    amax = np.maximum(np.abs(blocks).max(axis=(1, 3)), 1e-4)
+    scale = amax * np.float32(1.0 / E4M3_MAX)
+    if ue8m0:  # 2^ceil(log2(scale)) from the exponent bits, as `_pow2_ceil`
+        bits = scale.astype(np.float32).view(np.uint32)
+        exponent = ((bits >> 23) & 0xFF).astype(np.int64) + ((bits & 0x7FFFFF) != 0)
+        scale = (exponent.astype(np.uint32) << 23).view(np.float32)
+    q = np.clip(blocks / scale[:, None, :, None], -E4M3_MAX, E4M3_MAX).reshape(padded.shape)
+    return q[:rows, :cols].astype(ml_dtypes.float8_e4m3fn), scale.astype(np.float32)

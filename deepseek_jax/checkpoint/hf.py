@@ -1,39 +1,53 @@
-"""HF safetensors <-> our params (spec §7): names, layouts, validation.
+"""HF/DeepSeek safetensors <-> our params (spec §7): names, layouts, FP8, streaming, sharding.
 
 HF stores linear weights [out, in]; ours are [in..., out...] (e.g. q_b_proj [Q, H, K]), and
 layers are stacked along a leading axis per scanned group (dense_layers, moe_layers), routed
 experts along a second one. The MTP module is layer `num_hidden_layers + k`; its copies of the
 embedding and head are not separate params here (ours shares the main ones).
 
-This is the unquantised loader/saver; FP8 checkpoints, sharded streaming and Orbax live in the
-checkpoint issue's work.
+Loading streams: every tensor is read on its own through a memory map (FP8 ones dequantised
+blockwise on the host), moved to its target sharding and written in place into its stacked
+parameter (a donated buffer), so host memory holds about one tensor at a time, never the model.
+Every problem (missing, unexpected, misshapen, wrong dtype, truncated file) is found from the
+headers alone and reported in one ValueError before any tensor is read.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import os
-from dataclasses import dataclass
 from math import prod
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
+from deepseek_jax.fp8 import dequantize_weight_blocks, quantize_weight_blocks
+from deepseek_jax.checkpoint.safetensors_io import TensorInfo, read_header, read_tensor, write_file
 from deepseek_jax.config import ModelConfig
 
 _MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
+_FLOAT_DTYPES = ("F32", "BF16", "F16", "F8_E4M3")
+# Linear weights that DeepSeek's release keeps unquantised (spec §7).
+_NEVER_FP8 = ("lm_head.weight", "mlp.gate.weight", "indexer.weights_proj.weight")
+FP8_QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                           "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Entry:
     hf_name: str
     path: tuple[str, ...]      # into our params
     index: tuple[int, ...]     # into stacked leading axes (layer, expert)
     n_in: int | None           # linear: number of leading input dims in our layout; None: copy
+
+    @property
+    def fp8_eligible(self) -> bool:
+        return self.n_in is not None and not self.hf_name.endswith(_NEVER_FP8)
 
 
 def _block_entries(prefix, path, index, moe, cfg):
@@ -68,8 +82,8 @@ def _block_entries(prefix, path, index, moe, cfg):
     return out
 
 
-def hf_entries(cfg: ModelConfig, *, mtp: bool = True) -> list[Entry]:
-    """Every HF tensor of a model with this config, mapped to our params."""
+def hf_entries(cfg: ModelConfig) -> list[Entry]:
+    """Every HF tensor of a model with this config (scales aside), mapped to our params."""
     entries = [
         Entry("model.embed_tokens.weight", ("embed",), (), None),
         Entry("model.norm.weight", ("final_norm", "scale"), (), None),
@@ -79,7 +93,7 @@ def hf_entries(cfg: ModelConfig, *, mtp: bool = True) -> list[Entry]:
         moe = layer >= cfg.first_k_dense_replace
         group, i = ("moe_layers", layer - cfg.first_k_dense_replace) if moe else ("dense_layers", layer)
         entries += _block_entries(f"model.layers.{layer}.", (group,), (i,), moe, cfg)
-    for k in range(cfg.num_nextn_predict_layers if mtp else 0):
+    for k in range(cfg.num_nextn_predict_layers):
         prefix, path = f"model.layers.{cfg.num_hidden_layers + k}.", (f"mtp_{k}",)
         entries += _block_entries(prefix, path + ("block",), (), True, cfg)
         entries += [
@@ -91,15 +105,28 @@ def hf_entries(cfg: ModelConfig, *, mtp: bool = True) -> list[Entry]:
     return entries
 
 
-def param_shapes(cfg: ModelConfig) -> dict:
-    """Abstract params (ShapeDtypeStruct leaves, unboxed) of a model with this config."""
-    from flax import linen as nn
-
+def boxed_param_shapes(cfg: ModelConfig):
+    """Abstract params of `Transformer(cfg)` with their logical-axis boxes."""
     from deepseek_jax.model import Transformer
 
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    shapes = jax.eval_shape(lambda t: Transformer(cfg).init(jax.random.PRNGKey(0), t)["params"], tokens)
-    return nn.meta.unbox(shapes)
+    return jax.eval_shape(lambda t: Transformer(cfg).init(jax.random.PRNGKey(0), t)["params"], tokens)
+
+
+def param_shapes(cfg: ModelConfig):
+    """Abstract params (ShapeDtypeStruct leaves, unboxed) of a model with this config."""
+    return nn.meta.unbox(boxed_param_shapes(cfg))
+
+
+def param_shardings(cfg: ModelConfig, mesh=None, rules=None):
+    """NamedSharding per param from its logical axes and `rules` ((logical, mesh axis) pairs;
+    axes without a rule are replicated); one device when mesh is None."""
+    boxed = boxed_param_shapes(cfg)
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda _: device, nn.meta.unbox(boxed))
+    specs = nn.get_partition_spec(boxed)
+    return nn.logical_to_mesh_sharding(specs, mesh, list(rules or ()))
 
 
 def _get(tree, path):
@@ -115,111 +142,234 @@ def _hf_shape(entry: Entry, leaf_shape) -> tuple[int, ...]:
     return (prod(shape[entry.n_in:]), prod(shape[:entry.n_in]))
 
 
-def _checkpoint_files(path: str) -> dict[str, str]:
-    """tensor name -> file, from model.safetensors.index.json or the *.safetensors files."""
+def _scale_shape(shape, block=128):
+    return tuple(-(-d // block) for d in shape)
+
+
+# ------------------------------------------------------------------------------------ loading
+def _tensor_index(path: str) -> dict[str, TensorInfo]:
+    """name -> TensorInfo over the checkpoint's files (the index, or every *.safetensors)."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         try:
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"load_hf: {index}: not a valid safetensors index ({e})") from None
-        missing = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(path, f))})
+            assert isinstance(weight_map, dict)
+        except (ValueError, KeyError, TypeError, AssertionError) as e:
+            raise ValueError(f"load_hf: {index}: not a valid safetensors index ({e!r})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
         if missing:
             raise ValueError(f"load_hf: shard files named in the index are missing: {missing}")
-        return {k: os.path.join(path, v) for k, v in weight_map.items()}
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
-        raise ValueError(f"load_hf: no *.safetensors files in {path}")
-    names = {}
+    else:
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        weight_map = None
+        if not files:
+            raise ValueError(f"load_hf: no *.safetensors files in {path}")
+    infos: dict[str, TensorInfo] = {}
     for f in files:
-        with safe_open(os.path.join(path, f), "numpy") as st:
-            names.update({k: os.path.join(path, f) for k in st.keys()})
-    return names
+        for name, info in read_header(os.path.join(path, f)).items():
+            if weight_map is not None and weight_map.get(name) != f:
+                raise ValueError(f"load_hf: {f} holds {name}, which the index places in {weight_map.get(name)}")
+            infos[name] = info
+    if weight_map is not None:
+        absent = sorted(weight_map.keys() - infos.keys())
+        if absent:
+            raise ValueError(f"load_hf: tensors listed in the index are not in their files: {absent[:10]}")
+    return infos
 
 
-def load_hf(path, *, dtype=None):
-    """Loads an unquantised HF/DeepSeek safetensors checkpoint directory -> (cfg, params).
-
-    dtype=None keeps the checkpoint's own dtype for params and compute alike; a dtype string
-    ("float32", "bfloat16") sets both. Every missing, unexpected or misshapen tensor is listed
-    in one ValueError before any array is built.
-    """
-    path = os.fspath(path)
+def _read_config(path: str) -> dict:
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise ValueError(f"load_hf: no config.json in {path}")
     with open(config_file) as f:
-        hf_config = json.load(f)
-    if hf_config.get("quantization_config"):
-        raise ValueError("load_hf: quantization_config: FP8 checkpoints are not supported by this loader yet")
-    files = _checkpoint_files(path)
+        hf = json.load(f)
+    quant = hf.get("quantization_config")
+    if quant:
+        bad = {k: quant.get(k) for k, v in (("quant_method", "fp8"), ("fmt", "e4m3"),
+                                            ("weight_block_size", [128, 128])) if quant.get(k) != v}
+        if bad:
+            raise ValueError(f"load_hf: quantization_config: only fp8 e4m3 with 128x128 blocks is supported, got {bad}")
+    return hf
 
+
+def check_checkpoint(cfg: ModelConfig, infos: dict[str, TensorInfo], shapes) -> list[str]:
+    """Every mismatch between a checkpoint's tensors and a model config, by name (headers only)."""
+    expected = {e.hf_name: e for e in hf_entries(cfg)}
+    problems = []
+    allowed = set(expected)
+    for name, entry in expected.items():
+        info = infos.get(name)
+        if info is None:
+            problems.append(f"missing: {name}")
+            continue
+        want = _hf_shape(entry, _get(shapes, entry.path).shape)
+        if info.shape != want:
+            problems.append(f"shape: {name}: expected {want}, got {info.shape}")
+        if info.dtype not in _FLOAT_DTYPES:
+            problems.append(f"dtype: {name}: expected one of {_FLOAT_DTYPES}, got {info.dtype}")
+        if info.dtype == "F8_E4M3":
+            scale = infos.get(name + "_scale_inv")
+            allowed.add(name + "_scale_inv")
+            if entry.n_in is None:
+                problems.append(f"dtype: {name}: FP8 is only supported for linear weights")
+            elif scale is None:
+                problems.append(f"missing: {name}_scale_inv (the FP8 block scales of {name})")
+            elif scale.shape != _scale_shape(want) or scale.dtype != "F32":
+                problems.append(f"shape: {name}_scale_inv: expected F32 {_scale_shape(want)}, "
+                                f"got {scale.dtype} {scale.shape}")
+    mtp_copies = {n for n in infos if n.endswith(_MTP_COPIES) and n.startswith("model.layers.")}
+    problems += [f"unexpected: {n}" for n in sorted(infos.keys() - allowed - mtp_copies)]
+    return problems
+
+
+def _host_tensor(infos, entry: Entry, target_shape, dtype) -> np.ndarray:
+    """One tensor in our layout and dtype, dequantised if stored as FP8."""
+    info = infos[entry.hf_name]
+    w = read_tensor(info)
+    if info.dtype == "F8_E4M3":
+        w = dequantize_weight_blocks(w, read_tensor(infos[entry.hf_name + "_scale_inv"]))
+    if entry.n_in is not None:
+        w = w.T
+    return np.ascontiguousarray(w.reshape(target_shape).astype(dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _writer(sharding):
+    """In-place write of one tensor into a stacked buffer at (index..., 0...)."""
+    def write(buf, w, index):
+        start = tuple(index) + (0,) * w.ndim
+        return jax.lax.dynamic_update_slice(buf, w.reshape((1,) * index.shape[0] + w.shape), start)
+    return jax.jit(write, donate_argnums=0, out_shardings=sharding)
+
+
+def load_hf(path, *, dtype=None, mesh=None, rules=None):
+    """Loads an HF/DeepSeek safetensors checkpoint directory -> (cfg, params).
+
+    dtype=None keeps the checkpoint's own dtype (bfloat16 for FP8 checkpoints) for params and
+    compute alike; a dtype string ("float32", "bfloat16") sets both. `mesh` + `rules` (logical
+    axis -> mesh axis pairs) place every param in its NamedSharding as it is read.
+    """
+    path = os.fspath(path)
+    hf_config = _read_config(path)
+    infos = _tensor_index(path)
     if dtype is None:
-        dtype = hf_config.get("dtype") or hf_config.get("torch_dtype") or _first_float_dtype(files)
+        dtype = "bfloat16" if hf_config.get("quantization_config") else (
+            hf_config.get("dtype") or hf_config.get("torch_dtype") or "bfloat16")
     cfg = ModelConfig.from_hf_config(hf_config, dtype=str(dtype), param_dtype=str(dtype))
 
-    entries = hf_entries(cfg)
-    mtp_names = {e.hf_name for e in entries if e.path[0].startswith("mtp_")}
-    if mtp_names and not (mtp_names & files.keys()):
+    mtp_names = {e.hf_name for e in hf_entries(cfg) if e.path[0].startswith("mtp_")}
+    if mtp_names and not (mtp_names & infos.keys()):
         logging.warning("load_hf: config asks for %d MTP module(s) but the checkpoint has none; loading without MTP",
                         cfg.num_nextn_predict_layers)
         cfg = cfg.replace(num_nextn_predict_layers=0)
-        entries = hf_entries(cfg)
     shapes = param_shapes(cfg)
-
-    expected = {e.hf_name: e for e in entries}
-    ignorable = {n for n in files if n.startswith(f"model.layers.{cfg.num_hidden_layers}") and n.endswith(_MTP_COPIES)}
-    problems = [f"missing: {n}" for n in sorted(expected.keys() - files.keys())]
-    problems += [f"unexpected: {n}" for n in sorted(files.keys() - expected.keys() - ignorable)]
-    handles: dict[str, object] = {}
-    for name, entry in expected.items():
-        if name not in files:
-            continue
-        st = handles.setdefault(files[name], safe_open(files[name], "numpy"))
-        got = tuple(st.get_slice(name).get_shape())
-        want = _hf_shape(entry, _get(shapes, entry.path).shape)
-        if got != want:
-            problems.append(f"shape: {name}: expected {want}, got {got}")
+    problems = check_checkpoint(cfg, infos, shapes)
     if problems:
         raise ValueError(f"load_hf: {path} does not match its config ({len(problems)} problems):\n  "
                          + "\n  ".join(problems))
 
-    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-    for name, entry in expected.items():
-        w = handles[files[name]].get_tensor(name)
-        leaf = _get(params, entry.path)
-        target = leaf[entry.index] if entry.index else leaf
-        if entry.n_in is not None:
-            w = w.T.reshape(target.shape)
-        target[...] = w.astype(leaf.dtype)
-    return cfg, jax.tree.map(jnp.asarray, params)
-
-
-def _first_float_dtype(files: dict[str, str]) -> str:
-    name, file = next(iter(files.items()))
-    with safe_open(file, "numpy") as st:
-        return str(st.get_tensor(name).dtype)
-
-
-def save_hf(path, cfg: ModelConfig, params) -> None:
-    """Writes config.json + model.safetensors (params' dtype; the fp32-pinned tensors stay fp32),
-    loadable by transformers' DeepseekV32ForCausalLM and by `load_hf`."""
-    from flax import linen as nn
-
-    params = nn.meta.unbox(params)
-    os.makedirs(path, exist_ok=True)
-    tensors = {}
+    # Stacks are filled with sharding-agnostic updates, so build on an Auto-typed copy of the
+    # mesh and hand back arrays in the caller's (possibly Explicit) shardings at the end.
+    auto_mesh = None if mesh is None else jax.sharding.Mesh(
+        mesh.devices, mesh.axis_names, axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+    shardings = param_shardings(cfg, auto_mesh, rules)
+    final_shardings = param_shardings(cfg, mesh, rules)
+    by_leaf: dict[tuple, list[Entry]] = {}
     for entry in hf_entries(cfg):
-        w = np.asarray(_get(params, entry.path))
-        w = w[entry.index] if entry.index else w
+        by_leaf.setdefault(entry.path, []).append(entry)
+    params = jax.tree.map(lambda _: None, shapes)
+    for leaf_path, entries in by_leaf.items():
+        shape, sharding = _get(shapes, leaf_path), _get(shardings, leaf_path)
+        if not entries[0].index:  # a single tensor
+            host = _host_tensor(infos, entries[0], shape.shape, shape.dtype)
+            value = jax.device_put(host, sharding)
+        else:  # a stack, filled in place one tensor at a time
+            value = jax.jit(lambda: jnp.zeros(shape.shape, shape.dtype), out_shardings=sharding)()
+            tensor_shape = shape.shape[len(entries[0].index):]
+            for entry in entries:
+                host = _host_tensor(infos, entry, tensor_shape, shape.dtype)
+                value = _writer(sharding)(value, host, np.asarray(entry.index, np.int32))
+        final = _get(final_shardings, leaf_path)
+        _set(params, leaf_path, value if final == sharding else jax.device_put(value, final))
+    return cfg, params
+
+
+def _set(tree, path, value):
+    for p in path[:-1]:
+        tree = tree[p]
+    tree[path[-1]] = value
+
+
+# ------------------------------------------------------------------------------------ saving
+def save_hf(path, cfg: ModelConfig, params, *, fp8: bool = False, max_shard_bytes: int = 4 << 30) -> None:
+    """Writes the HF layout: config.json, model-XXXXX-of-XXXXX.safetensors shards and their index.
+
+    Params keep their dtype (fp32-pinned tensors stay fp32); with `fp8` every linear
+    weight DeepSeek ships in FP8 is block-quantised (e4m3, ue8m0 scales, `weight_scale_inv`).
+    Params are checked against `cfg` first: a mismatch writes nothing.
+    """
+    params = nn.meta.unbox(params)
+    shapes = param_shapes(cfg)
+    problems = []
+    for p, want in jax.tree.leaves_with_path(shapes):
+        try:
+            got = _get(params, tuple(k.key for k in p))
+        except (KeyError, TypeError):
+            problems.append(f"missing: {jax.tree_util.keystr(p)}")
+            continue
+        if tuple(got.shape) != want.shape:
+            problems.append(f"shape: {jax.tree_util.keystr(p)}: expected {want.shape}, got {tuple(got.shape)}")
+    if problems:
+        raise ValueError(f"save_hf: params do not match the config ({len(problems)} problems):\n  "
+                         + "\n  ".join(problems))
+
+    def tensors_of(entry: Entry) -> dict[str, np.ndarray]:
+        w = np.asarray(_get(params, entry.path)[entry.index] if entry.index else _get(params, entry.path))
         if entry.n_in is not None:
             w = w.reshape(prod(w.shape[:entry.n_in]), -1).T
-        tensors[entry.hf_name] = np.ascontiguousarray(w)
+        if fp8 and entry.fp8_eligible:
+            q, scale = quantize_weight_blocks(w)
+            return {entry.hf_name: q, entry.hf_name + "_scale_inv": scale}
+        return {entry.hf_name: np.ascontiguousarray(w)}
+
+    def nbytes(entry: Entry) -> int:
+        size = prod(_hf_shape(entry, _get(shapes, entry.path).shape))
+        return size if fp8 and entry.fp8_eligible else size * _get(shapes, entry.path).dtype.itemsize
+
+    # (producer of {name: tensor}, bytes) in file order; MTP layers carry copies of embed and head.
+    items = [(functools.partial(tensors_of, e), nbytes(e)) for e in hf_entries(cfg)]
     for k in range(cfg.num_nextn_predict_layers):
         prefix = f"model.layers.{cfg.num_hidden_layers + k}."
-        tensors[prefix + "embed_tokens.weight"] = tensors["model.embed_tokens.weight"]
-        tensors[prefix + "shared_head.head.weight"] = tensors["lm_head.weight"]
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        items.append((lambda n=prefix + "embed_tokens.weight": {n: np.asarray(params["embed"])},
+                      nbytes(Entry("", ("embed",), (), None))))
+        items.append((lambda n=prefix + "shared_head.head.weight": {n: np.ascontiguousarray(np.asarray(params["lm_head"]).T)},
+                      nbytes(Entry("", ("lm_head",), (), 1))))
+    shards, current, current_bytes = [], [], 0
+    for produce, size in items:
+        if current and current_bytes + size > max_shard_bytes:
+            shards.append(current)
+            current, current_bytes = [], 0
+        current.append(produce)
+        current_bytes += size
+    shards.append(current)
+
+    os.makedirs(path, exist_ok=True)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for produce in shard:
+            tensors.update(produce())
+        write_file(os.path.join(path, name), tensors)
+        weight_map.update({n: name for n in tensors})
+        total += sum(t.nbytes for t in tensors.values())
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    hf = cfg.to_hf_config()
+    if fp8:
+        hf["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
+        hf["dtype"] = "bfloat16"
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg.to_hf_config(), f, indent=2)
+        json.dump(hf, f, indent=2)
