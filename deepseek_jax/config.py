@@ -79,6 +79,9 @@ class ModelConfig:
     # Numerics (not in HF's config): compute dtype and parameter storage dtype
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
+    # Storage, not math beyond FP8 rounding: linear weights DeepSeek ships in FP8 are kept as e4m3
+    # + 128x128 block scales and dequantised at use (~1 byte per parameter)
+    weight_fp8: bool = False
     # Memory knob, not math: queries scored/attended per chunk on the sparse path
     attention_chunk_size: int = 256
 
@@ -246,7 +249,8 @@ class ModelConfig:
             **_HF_FIXED,
         }
         for f in dataclasses.fields(self):
-            if f.name.startswith("rope_") or f.name in ("dtype", "param_dtype", "attention_chunk_size", "index_fp8"):
+            if f.name.startswith("rope_") or f.name in ("dtype", "param_dtype", "attention_chunk_size", "index_fp8",
+                                                          "weight_fp8"):
                 continue
             hf[f.name] = getattr(self, f.name)
         hf["num_key_value_heads"] = self.num_attention_heads

@@ -1,1 +1,1 @@
-"""Checkpoint import/export: HF safetensors (hf.py)."""
+"""Checkpoints: HF safetensors import/export (hf.py, safetensors_io.py) and Orbax runs/exports (orbax.py)."""

@@ -29,6 +29,7 @@ import numpy as np
 from deepseek_jax.fp8 import dequantize_weight_blocks, quantize_weight_blocks
 from deepseek_jax.checkpoint.safetensors_io import TensorInfo, read_header, read_tensor, write_file
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.params import abstract_params, param_shardings
 
 _MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
 _FLOAT_DTYPES = ("F32", "BF16", "F16", "F8_E4M3")
@@ -103,30 +104,6 @@ def hf_entries(cfg: ModelConfig) -> list[Entry]:
             Entry(prefix + "shared_head.norm.weight", path + ("shared_head_norm", "scale"), (), None),
         ]
     return entries
-
-
-def boxed_param_shapes(cfg: ModelConfig):
-    """Abstract params of `Transformer(cfg)` with their logical-axis boxes."""
-    from deepseek_jax.model import Transformer
-
-    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    return jax.eval_shape(lambda t: Transformer(cfg).init(jax.random.PRNGKey(0), t)["params"], tokens)
-
-
-def param_shapes(cfg: ModelConfig):
-    """Abstract params (ShapeDtypeStruct leaves, unboxed) of a model with this config."""
-    return nn.meta.unbox(boxed_param_shapes(cfg))
-
-
-def param_shardings(cfg: ModelConfig, mesh=None, rules=None):
-    """NamedSharding per param from its logical axes and `rules` ((logical, mesh axis) pairs;
-    axes without a rule are replicated); one device when mesh is None."""
-    boxed = boxed_param_shapes(cfg)
-    if mesh is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return jax.tree.map(lambda _: device, nn.meta.unbox(boxed))
-    specs = nn.get_partition_spec(boxed)
-    return nn.logical_to_mesh_sharding(specs, mesh, list(rules or ()))
 
 
 def _get(tree, path):
@@ -235,6 +212,21 @@ def _host_tensor(infos, entry: Entry, target_shape, dtype) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(target_shape).astype(dtype))
 
 
+def _host_fp8(infos, entry: Entry, target_shape):
+    """One linear weight kept in FP8, in our layout: (e4m3 kernel, float32 block scales [in/128, out/128])."""
+    info = infos[entry.hf_name]
+    w = read_tensor(info)
+    if info.dtype == "F8_E4M3":
+        scale_inv = read_tensor(infos[entry.hf_name + "_scale_inv"])
+    else:  # an unquantised checkpoint loaded into FP8 storage: our own block quantiser
+        w, scale_inv = quantize_weight_blocks(w)
+    return np.ascontiguousarray(w.T.reshape(target_shape)), np.ascontiguousarray(scale_inv.T)
+
+
+def _scale_path(path):
+    return path[:-1] + (path[-1] + "_scale",)
+
+
 @functools.lru_cache(maxsize=None)
 def _writer(sharding):
     """In-place write of one tensor into a stacked buffer at (index..., 0...)."""
@@ -244,12 +236,14 @@ def _writer(sharding):
     return jax.jit(write, donate_argnums=0, out_shardings=sharding)
 
 
-def load_hf(path, *, dtype=None, mesh=None, rules=None):
+def load_hf(path, *, dtype=None, mesh=None, rules=None, keep_fp8=False):
     """Loads an HF/DeepSeek safetensors checkpoint directory -> (cfg, params).
 
     dtype=None keeps the checkpoint's own dtype (bfloat16 for FP8 checkpoints) for params and
     compute alike; a dtype string ("float32", "bfloat16") sets both. `mesh` + `rules` (logical
-    axis -> mesh axis pairs) place every param in its NamedSharding as it is read.
+    axis -> mesh axis pairs) place every param in its NamedSharding as it is read. `keep_fp8`
+    keeps the linear weights DeepSeek ships in FP8 as e4m3 + block scales (cfg.weight_fp8),
+    dequantised inside the matmuls: ~1 byte per parameter.
     """
     path = os.fspath(path)
     hf_config = _read_config(path)
@@ -257,14 +251,14 @@ def load_hf(path, *, dtype=None, mesh=None, rules=None):
     if dtype is None:
         dtype = "bfloat16" if hf_config.get("quantization_config") else (
             hf_config.get("dtype") or hf_config.get("torch_dtype") or "bfloat16")
-    cfg = ModelConfig.from_hf_config(hf_config, dtype=str(dtype), param_dtype=str(dtype))
+    cfg = ModelConfig.from_hf_config(hf_config, dtype=str(dtype), param_dtype=str(dtype), weight_fp8=keep_fp8)
 
     mtp_names = {e.hf_name for e in hf_entries(cfg) if e.path[0].startswith("mtp_")}
     if mtp_names and not (mtp_names & infos.keys()):
         logging.warning("load_hf: config asks for %d MTP module(s) but the checkpoint has none; loading without MTP",
                         cfg.num_nextn_predict_layers)
         cfg = cfg.replace(num_nextn_predict_layers=0)
-    shapes = param_shapes(cfg)
+    shapes = abstract_params(cfg)
     problems = check_checkpoint(cfg, infos, shapes)
     if problems:
         raise ValueError(f"load_hf: {path} does not match its config ({len(problems)} problems):\n  "
@@ -280,19 +274,28 @@ def load_hf(path, *, dtype=None, mesh=None, rules=None):
     for entry in hf_entries(cfg):
         by_leaf.setdefault(entry.path, []).append(entry)
     params = jax.tree.map(lambda _: None, shapes)
-    for leaf_path, entries in by_leaf.items():
+
+    def place(leaf_path, tensors):
+        """tensors: [(index, host array)] for one leaf -> the leaf in its final sharding."""
         shape, sharding = _get(shapes, leaf_path), _get(shardings, leaf_path)
-        if not entries[0].index:  # a single tensor
-            host = _host_tensor(infos, entries[0], shape.shape, shape.dtype)
-            value = jax.device_put(host, sharding)
+        if len(tensors) == 1 and not tensors[0][0]:  # a single tensor
+            value = jax.device_put(tensors[0][1], sharding)
         else:  # a stack, filled in place one tensor at a time
             value = jax.jit(lambda: jnp.zeros(shape.shape, shape.dtype), out_shardings=sharding)()
-            tensor_shape = shape.shape[len(entries[0].index):]
-            for entry in entries:
-                host = _host_tensor(infos, entry, tensor_shape, shape.dtype)
-                value = _writer(sharding)(value, host, np.asarray(entry.index, np.int32))
+            for index, host in tensors:
+                value = _writer(sharding)(value, host, np.asarray(index, np.int32))
         final = _get(final_shardings, leaf_path)
         _set(params, leaf_path, value if final == sharding else jax.device_put(value, final))
+
+    for leaf_path, entries in by_leaf.items():
+        shape = _get(shapes, leaf_path)
+        tensor_shape = shape.shape[len(entries[0].index):]
+        if shape.dtype == jnp.float8_e4m3fn:
+            pairs = [(e.index, _host_fp8(infos, e, tensor_shape)) for e in entries]
+            place(leaf_path, [(i, k) for i, (k, _) in pairs])
+            place(_scale_path(leaf_path), [(i, sc) for i, (_, sc) in pairs])
+        else:
+            place(leaf_path, [(e.index, _host_tensor(infos, e, tensor_shape, shape.dtype)) for e in entries])
     return cfg, params
 
 
@@ -311,7 +314,7 @@ def save_hf(path, cfg: ModelConfig, params, *, fp8: bool = False, max_shard_byte
     Params are checked against `cfg` first: a mismatch writes nothing.
     """
     params = nn.meta.unbox(params)
-    shapes = param_shapes(cfg)
+    shapes = abstract_params(cfg)
     problems = []
     for p, want in jax.tree.leaves_with_path(shapes):
         try:
@@ -325,10 +328,18 @@ def save_hf(path, cfg: ModelConfig, params, *, fp8: bool = False, max_shard_byte
         raise ValueError(f"save_hf: params do not match the config ({len(problems)} problems):\n  "
                          + "\n  ".join(problems))
 
+    def leaf(path, index):
+        return np.asarray(_get(params, path)[index] if index else _get(params, path))
+
     def tensors_of(entry: Entry) -> dict[str, np.ndarray]:
-        w = np.asarray(_get(params, entry.path)[entry.index] if entry.index else _get(params, entry.path))
+        w = leaf(entry.path, entry.index)
         if entry.n_in is not None:
             w = w.reshape(prod(w.shape[:entry.n_in]), -1).T
+        if w.dtype == jnp.float8_e4m3fn:  # kept in FP8 (cfg.weight_fp8): scales are [in/128, out/128]
+            scale_inv = np.ascontiguousarray(leaf(_scale_path(entry.path), entry.index).T)
+            if fp8:
+                return {entry.hf_name: np.ascontiguousarray(w), entry.hf_name + "_scale_inv": scale_inv}
+            return {entry.hf_name: dequantize_weight_blocks(w, scale_inv).astype(cfg.params_dtype)}
         if fp8 and entry.fp8_eligible:
             q, scale = quantize_weight_blocks(w)
             return {entry.hf_name: q, entry.hf_name + "_scale_inv": scale}

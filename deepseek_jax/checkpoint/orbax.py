@@ -7,12 +7,13 @@ iterator's JSON dict). Saves are asynchronous and atomic: orbax writes a step in
 save killed midway leaves the previous step as the latest restorable one; the leftover tmp
 directory is never listed as a step, and orbax removes it when that step is saved again.
 
-Restoring onto a different mesh is restoring onto different targets: `abstract_params(cfg,
-mesh, rules)` gives `ShapeDtypeStruct`s whose shardings come from the params' logical axis
+Restoring onto a different mesh is restoring onto different targets:
+`deepseek_jax.params.abstract_params(cfg, mesh, rules)` gives `ShapeDtypeStruct`s whose shardings come from the params' logical axis
 names, and orbax reads each shard straight into its place.
 
-`export_inference` writes bf16 params (the fp32-pinned router and indexer tensors stay fp32)
-beside the HF `config.json` and our full `model_config.json`; `load_inference` reads them back.
+`export_inference` writes bf16 params (the tensors the model pins to fp32 stay fp32: router
+gate and bias, indexer head weights and key norm; spec §3, §5, §7) beside the HF `config.json`
+and our full `model_config.json`; `load_inference` reads them back.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -28,10 +28,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.model import Transformer
-
-LogicalRules = Sequence[tuple[str, str | None]]
-
+from deepseek_jax.params import LogicalRules, abstract_params
 
 class CheckpointManager:
     """Periodic, asynchronous, atomic checkpoints of one training run in `directory`."""
@@ -60,8 +57,8 @@ class CheckpointManager:
              force: bool = False) -> bool:
         """Starts saving `step` (returns once arrays are copied off-device when async).
 
-        Returns False if `save_interval_steps` skips this step (orbax always saves the first
-        one, and steps at a preemption signal) or the step is not past the latest one.
+        Returns False if `save_interval_steps` skips this step (orbax saves regardless when the
+        directory has no step yet, or at a preemption signal) or the step is not past the latest.
         """
         items = {"params": ocp.args.StandardSave(nn.meta.unbox(params))}
         if opt_state is not None:
@@ -130,48 +127,13 @@ class CheckpointManager:
         self.close()
 
 
-# ------------------------------------------------------------------------ shardings
-
-def _boxed_params(cfg: ModelConfig):
-    """Abstract params with their `nn.LogicallyPartitioned` boxes (no compute, no memory)."""
-    init = lambda: Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
-    return jax.eval_shape(init)
-
-
-def shardings_for(cfg: ModelConfig, mesh: jax.sharding.Mesh, rules: LogicalRules | None = None):
-    """A params pytree of `NamedSharding`s from the params' logical axis names.
-
-    `rules` pairs logical axis names with mesh axis names (or None); axes it does not name are
-    replicated, and rules=None replicates everything.
-    """
-    specs = nn.get_partition_spec(_boxed_params(cfg))
-    return nn.logical_to_mesh_sharding(specs, mesh, tuple(rules or ()))
-
-
-def abstract_params(cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None,
-                    rules: LogicalRules | None = None):
-    """Unboxed `ShapeDtypeStruct` params placed by `shardings_for` (mesh=None: the default device)."""
-    shapes = nn.meta.unbox(_boxed_params(cfg))
-    if mesh is None:
-        if rules:
-            raise ValueError("abstract_params: rules given without a mesh")
-        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), shapes)
-    else:
-        shardings = shardings_for(cfg, mesh, rules)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-
-
 # ------------------------------------------------------------------------ inference export
-
-def _inference_config(cfg: ModelConfig) -> ModelConfig:
-    return cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
-
 
 def export_inference(directory, cfg: ModelConfig, params) -> None:
     """Writes `params/` (bf16; the tensors the model keeps fp32 stay fp32), `config.json` (HF)
     and `model_config.json` (every ModelConfig field) into `directory`."""
     directory = os.path.abspath(os.fspath(directory))
-    cfg = _inference_config(cfg)
+    cfg = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
     params = nn.meta.unbox(params)
     expected = abstract_params(cfg)
     got = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree.leaves_with_path(params)}
@@ -200,7 +162,11 @@ def load_inference(directory, *, mesh: jax.sharding.Mesh | None = None,
     if not os.path.isfile(config_file):
         raise ValueError(f"load_inference: no model_config.json in {directory}")
     with open(config_file) as f:
-        cfg = ModelConfig(**json.load(f))
+        fields = json.load(f)
+    unknown = sorted(fields.keys() - {f.name for f in dataclasses.fields(ModelConfig)})
+    if unknown:
+        raise ValueError(f"load_inference: {config_file}: unknown ModelConfig fields {unknown}")
+    cfg = ModelConfig(**fields)
     with ocp.StandardCheckpointer() as checkpointer:
         params = checkpointer.restore(os.path.join(directory, "params"), abstract_params(cfg, mesh, rules))
     return cfg, params

@@ -33,10 +33,11 @@ class Indexer(nn.Module):
         std = cfg.initializer_range
 
         q = Einsum((cfg.q_lora_rank, heads, dim), ("q_lora", "index_heads", "index_head_dim"),
-                   dtype, pdtype, std, name="wq_b")("BTQ,QHK->BTHK", q_latent)
+                   dtype, pdtype, std, fp8=cfg.weight_fp8, name="wq_b")("BTQ,QHK->BTHK", q_latent)
         q = jnp.concatenate([apply_rope_half(q[..., :rope], cos, sin), q[..., rope:]], axis=-1)
 
-        k = Einsum((cfg.hidden_size, dim), ("embed", "index_head_dim"), dtype, pdtype, std, name="wk")("BTD,DK->BTK", x)
+        k = Einsum((cfg.hidden_size, dim), ("embed", "index_head_dim"), dtype, pdtype, std, fp8=cfg.weight_fp8,
+                   name="wk")("BTD,DK->BTK", x)
         k = LayerNorm(eps=1e-6, dtype=dtype, name="k_norm")(k)
         k = jnp.concatenate([apply_rope_half(k[..., :rope], cos, sin), k[..., rope:]], axis=-1)
 

@@ -12,11 +12,10 @@ K = N + R qk head dim, V v head dim.
 from typing import Any
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from deepseek_jax import attention
 from deepseek_jax.layers.indexer import Indexer
-from deepseek_jax.layers.linear import Einsum
+from deepseek_jax.layers.linear import Einsum, weight
 from deepseek_jax.layers.norms import RMSNorm
 from deepseek_jax.layers.rope import apply_rope_interleaved
 
@@ -32,23 +31,24 @@ class MLA(nn.Module):
         dtype, pdtype, std, eps = cfg.compute_dtype, cfg.params_dtype, cfg.initializer_range, cfg.rms_norm_eps
         h, nope, rope, c = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
 
-        q_latent = Einsum((cfg.hidden_size, cfg.q_lora_rank), ("embed", "q_lora"), dtype, pdtype, std,
+        fp8 = cfg.weight_fp8
+        q_latent = Einsum((cfg.hidden_size, cfg.q_lora_rank), ("embed", "q_lora"), dtype, pdtype, std, fp8=fp8,
                           name="q_a_proj")("BTD,DQ->BTQ", x)
         q_latent = RMSNorm(eps, dtype, pdtype, name="q_a_norm")(q_latent)
         q = Einsum((cfg.q_lora_rank, h, cfg.qk_head_dim), ("q_lora", "heads", "qk_head_dim"), dtype, pdtype, std,
-                   name="q_b_proj")("BTQ,QHK->BTHK", q_latent)
+                   fp8=fp8, name="q_b_proj")("BTQ,QHK->BTHK", q_latent)
         q_nope, q_rope = q[..., :nope], apply_rope_interleaved(q[..., nope:], cos, sin)
 
         kv = Einsum((cfg.hidden_size, c + rope), ("embed", "kv_lora_rope"), dtype, pdtype, std,
-                    name="kv_a_proj")("BTD,DC->BTC", x)
+                    fp8=fp8, name="kv_a_proj")("BTD,DC->BTC", x)
         c_kv = RMSNorm(eps, dtype, pdtype, name="kv_a_norm")(kv[..., :c])
         k_rope = apply_rope_interleaved(kv[..., c:], cos, sin)
-        kv_b = self.param("kv_b_proj", nn.with_logical_partitioning(
-            nn.initializers.normal(std), ("kv_lora", "heads", "kv_head_dim")), (c, h, nope + cfg.v_head_dim), pdtype)
+        kv_b = weight(self, "kv_b_proj", (c, h, nope + cfg.v_head_dim), ("kv_lora", "heads", "kv_head_dim"),
+                      std=std, param_dtype=pdtype, dtype=dtype, fp8=fp8)
 
         index_inputs = Indexer(cfg, name="indexer")(x, q_latent, cos, sin)
         o, indices = attention.mla_attention(q_nope, q_rope, c_kv, k_rope, kv_b, index_inputs, cfg=cfg,
                                              mode=self.attention_mode)
         out = Einsum((h, cfg.v_head_dim, cfg.hidden_size), ("heads", "v_head_dim", "embed"), dtype, pdtype, std,
-                     name="o_proj")("BTHV,HVD->BTD", o)
+                     n_in=2, fp8=fp8, name="o_proj")("BTHV,HVD->BTD", o)
         return out, indices

@@ -19,7 +19,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        args = (cfg.compute_dtype, cfg.params_dtype, cfg.initializer_range)
+        args = (cfg.compute_dtype, cfg.params_dtype, cfg.initializer_range, 1, cfg.weight_fp8)
         d, f = cfg.hidden_size, self.inner_dim
         gate = Einsum((d, f), ("embed", self.axis), *args, name="gate_proj")("BTD,DF->BTF", x)
         up = Einsum((d, f), ("embed", self.axis), *args, name="up_proj")("BTD,DF->BTF", x)

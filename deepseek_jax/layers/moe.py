@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax.layers.linear import weight
 from deepseek_jax.layers.mlp import MLP
 
 
@@ -67,11 +68,11 @@ class MoE(nn.Module):
                           (d, e), jnp.float32)
         bias = self.param("gate_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("expert",)),
                           (e,), jnp.float32)
-        init = lambda: nn.with_logical_partitioning(nn.initializers.normal(std), ("expert", "embed", "moe_mlp"))
-        w_gate = self.param("w_gate", init(), (e, d, f), pdtype)
-        w_up = self.param("w_up", init(), (e, d, f), pdtype)
-        w_down = self.param("w_down", nn.with_logical_partitioning(
-            nn.initializers.normal(std), ("expert", "moe_mlp", "embed")), (e, f, d), pdtype)
+        expert = lambda name, shape, axes: weight(self, name, shape, axes, std=std, param_dtype=pdtype,
+                                                  dtype=x.dtype, n_lead=1, fp8=cfg.weight_fp8)
+        w_gate = expert("w_gate", (e, d, f), ("expert", "embed", "moe_mlp"))
+        w_up = expert("w_up", (e, d, f), ("expert", "embed", "moe_mlp"))
+        w_down = expert("w_down", (e, f, d), ("expert", "moe_mlp", "embed"))
 
         tokens = x.reshape(b * t, d)
         scores = jax.nn.sigmoid(jnp.einsum("ND,DE->NE", tokens.astype(jnp.float32), gate,

@@ -30,7 +30,7 @@ class MTP(nn.Module):
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.params_dtype, name=name)
         joined = jnp.concatenate([norm("enorm")(next_embeddings), norm("hnorm")(hidden)], axis=-1)
         h = Einsum((2 * cfg.hidden_size, cfg.hidden_size), ("embed_concat", "embed"), cfg.compute_dtype,
-                   cfg.params_dtype, cfg.initializer_range, name="eh_proj")("BTE,ED->BTD", joined)
+                   cfg.params_dtype, cfg.initializer_range, fp8=cfg.weight_fp8, name="eh_proj")("BTE,ED->BTD", joined)
         h, aux = Block(cfg, moe=True, attention_mode=self.attention_mode, return_indices=self.return_indices,
                        name="block")(h, cos, sin)
         return h, norm("shared_head_norm")(h), aux

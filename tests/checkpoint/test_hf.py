@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from deepseek_jax import ModelConfig, Transformer, forward, load_hf, save_hf
-from deepseek_jax.checkpoint.hf import check_checkpoint, param_shapes, param_shardings
+from deepseek_jax.checkpoint.hf import check_checkpoint
+from deepseek_jax.params import abstract_params, param_shardings
 from deepseek_jax.checkpoint.safetensors_io import TensorInfo, read_header, read_tensor, write_file
 from deepseek_jax.fp8 import dequantize_weight_blocks
 
@@ -111,6 +112,35 @@ def test_fp8_checkpoint_loads_and_matches_the_dequantised_model(saved, tmp_path)
     err = np.linalg.norm(deq - exact) / np.linalg.norm(exact)
     print(f"FP8 checkpoint: relative logit error vs the unquantised model {err:.2e}")
     assert err < 0.1
+
+
+def test_keep_fp8_weights(saved, tmp_path):
+    """keep_fp8: e4m3 weights + block scales in memory (~1 byte/param), the same logits as the
+    dequantised load, and a bit-exact FP8 re-export."""
+    cfg, params, _ = saved
+    save_hf(tmp_path / "fp8", cfg, params, fp8=True)
+    cfg8, kept = load_hf(tmp_path / "fp8", keep_fp8=True)
+    assert cfg8.weight_fp8 and kept["moe_layers"]["mlp"]["w_gate"].dtype == jnp.float8_e4m3fn
+    assert kept["moe_layers"]["mlp"]["w_gate_scale"].shape == (cfg.num_moe_layers, cfg.n_routed_experts, 1, 1)
+    assert kept["lm_head"].dtype == jnp.bfloat16 and kept["moe_layers"]["mlp"]["gate"].dtype == jnp.float32
+    linear = [x for p, x in jax.tree.leaves_with_path(kept) if x.dtype == jnp.float8_e4m3fn]
+    dense_bytes = sum(x.nbytes for x in jax.tree.leaves(load_hf(tmp_path / "fp8")[1]))
+    kept_bytes = sum(x.nbytes for x in jax.tree.leaves(kept))
+    assert sum(x.size for x in linear) > 0.5 * sum(x.size for x in jax.tree.leaves(kept))
+    print(f"FP8-kept params: {kept_bytes / dense_bytes:.2f}x the bytes of the bf16 load")
+
+    cfg16, dequantised = load_hf(tmp_path / "fp8")
+    tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, size=(2, 24))
+    np.testing.assert_array_equal(np.asarray(forward(kept, tokens, cfg8)), np.asarray(forward(dequantised, tokens, cfg16)))
+
+    save_hf(tmp_path / "again", cfg8, kept, fp8=True)
+    original, again = all_tensors(tmp_path / "fp8"), all_tensors(tmp_path / "again")
+    assert original.keys() == again.keys()
+    for name in original:
+        if original[name].dtype == np.dtype("float8_e4m3fn") or name.endswith("_scale_inv"):
+            assert np.array_equal(original[name].view(np.uint8), again[name].view(np.uint8)), name
+        else:  # unquantised tensors went through the bf16 load
+            assert np.array_equal(original[name].astype(again[name].dtype), again[name]), name
 
 
 def test_load_onto_a_mesh(saved):
@@ -268,7 +298,7 @@ def official_671b_headers():
 def test_671b_checkpoint_maps_completely_without_reading_data():
     cfg = ModelConfig.preset("v32-671b", dtype="bfloat16", param_dtype="bfloat16")
     headers = official_671b_headers()
-    assert check_checkpoint(cfg, headers, param_shapes(cfg)) == []
+    assert check_checkpoint(cfg, headers, abstract_params(cfg)) == []
 
     mesh = jax.make_mesh((2, 4), ("fsdp", "expert"))
     rules = [("expert", "expert"), ("embed", "fsdp"), ("vocab", "expert")]

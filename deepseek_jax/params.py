@@ -1,0 +1,41 @@
+"""Abstract params of `Transformer(cfg)` and their shardings, from the params' logical axes.
+
+No compute and no memory: shapes come from `jax.eval_shape` of `init`. `rules` pair logical
+axis names with mesh axis names (or None); axes without a rule are replicated, rules=None
+replicates everything, mesh=None places everything on the first local device.
+"""
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.model import Transformer
+
+LogicalRules = Sequence[tuple[str, str | None]]
+
+
+def boxed_abstract_params(cfg: ModelConfig):
+    """ShapeDtypeStruct params still in their `nn.LogicallyPartitioned` boxes."""
+    init = lambda: Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    return jax.eval_shape(init)
+
+
+def param_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None, rules: LogicalRules | None = None):
+    """A params pytree of shardings."""
+    boxed = boxed_abstract_params(cfg)
+    if mesh is None:
+        if rules:
+            raise ValueError("param_shardings: rules given without a mesh")
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree.map(lambda _: device, nn.meta.unbox(boxed))
+    return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, tuple(rules or ()))
+
+
+def abstract_params(cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None, rules: LogicalRules | None = None):
+    """Unboxed ShapeDtypeStruct params carrying their shardings (e.g. an Orbax restore target)."""
+    shapes = nn.meta.unbox(boxed_abstract_params(cfg))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, param_shardings(cfg, mesh, rules))
