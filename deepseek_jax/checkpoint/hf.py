@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from deepseek_jax.fp8 import dequantize_weight_blocks, quantize_weight_blocks
 from deepseek_jax.checkpoint.safetensors_io import TensorInfo, read_header, read_tensor, write_file
@@ -236,14 +237,14 @@ def _writer(sharding):
     return jax.jit(write, donate_argnums=0, out_shardings=sharding)
 
 
-def load_hf(path, *, dtype=None, mesh=None, rules=None, keep_fp8=False):
+def load_hf(path, *, dtype=None, mesh=None, rules=None, keep_fp8=False, progress=False):
     """Loads an HF/DeepSeek safetensors checkpoint directory -> (cfg, params).
 
     dtype=None keeps the checkpoint's own dtype (bfloat16 for FP8 checkpoints) for params and
     compute alike; a dtype string ("float32", "bfloat16") sets both. `mesh` + `rules` (logical
     axis -> mesh axis pairs) place every param in its NamedSharding as it is read. `keep_fp8`
     keeps the linear weights DeepSeek ships in FP8 as e4m3 + block scales (cfg.weight_fp8),
-    dequantised inside the matmuls: ~1 byte per parameter.
+    dequantised inside the matmuls: ~1 byte per parameter. `progress` shows a bar per tensor.
     """
     path = os.fspath(path)
     hf_config = _read_config(path)
@@ -287,7 +288,9 @@ def load_hf(path, *, dtype=None, mesh=None, rules=None, keep_fp8=False):
         final = _get(final_shardings, leaf_path)
         _set(params, leaf_path, value if final == sharding else jax.device_put(value, final))
 
+    bar = tqdm.tqdm(total=sum(map(len, by_leaf.values())), desc="load_hf", unit="tensor", disable=not progress)
     for leaf_path, entries in by_leaf.items():
+        bar.update(len(entries))
         shape = _get(shapes, leaf_path)
         tensor_shape = shape.shape[len(entries[0].index):]
         if shape.dtype == jnp.float8_e4m3fn:
@@ -296,6 +299,7 @@ def load_hf(path, *, dtype=None, mesh=None, rules=None, keep_fp8=False):
             place(_scale_path(leaf_path), [(i, sc) for i, (_, sc) in pairs])
         else:
             place(leaf_path, [(e.index, _host_tensor(infos, e, tensor_shape, shape.dtype)) for e in entries])
+    bar.close()
     return cfg, params
 
 
@@ -306,7 +310,8 @@ def _set(tree, path, value):
 
 
 # ------------------------------------------------------------------------------------ saving
-def save_hf(path, cfg: ModelConfig, params, *, fp8: bool = False, max_shard_bytes: int = 4 << 30) -> None:
+def save_hf(path, cfg: ModelConfig, params, *, fp8: bool = False, max_shard_bytes: int = 4 << 30,
+            progress: bool = False) -> None:
     """Writes the HF layout: config.json, model-XXXXX-of-XXXXX.safetensors shards and their index.
 
     Params keep their dtype (fp32-pinned tensors stay fp32); with `fp8` every linear
@@ -368,7 +373,7 @@ def save_hf(path, cfg: ModelConfig, params, *, fp8: bool = False, max_shard_byte
 
     os.makedirs(path, exist_ok=True)
     weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
+    for i, shard in enumerate(tqdm.tqdm(shards, desc="save_hf", unit="shard", disable=not progress)):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         tensors = {}
         for produce in shard:

@@ -167,6 +167,25 @@ def load_inference(directory, *, mesh: jax.sharding.Mesh | None = None,
     if unknown:
         raise ValueError(f"load_inference: {config_file}: unknown ModelConfig fields {unknown}")
     cfg = ModelConfig(**fields)
+    target = abstract_params(cfg, mesh, rules)
     with ocp.StandardCheckpointer() as checkpointer:
-        params = checkpointer.restore(os.path.join(directory, "params"), abstract_params(cfg, mesh, rules))
+        stored = checkpointer.metadata(os.path.join(directory, "params")).item_metadata.tree
+        problems = _tree_mismatches(stored, target)
+        if problems:
+            raise ValueError(f"load_inference: {directory} does not match its model_config.json "
+                             f"({len(problems)} problems):\n  " + "\n  ".join(problems))
+        params = checkpointer.restore(os.path.join(directory, "params"), target)
     return cfg, params
+
+
+def _tree_mismatches(stored, target) -> list[str]:
+    """Missing, unexpected, misshapen or wrongly typed leaves of `stored` against `target`, by name."""
+    flat = lambda tree: {jax.tree_util.keystr(p): x for p, x in jax.tree.leaves_with_path(tree)}
+    got, want = flat(stored), flat(target)
+    problems = [f"missing: {k}" for k in sorted(want.keys() - got.keys())]
+    problems += [f"unexpected: {k}" for k in sorted(got.keys() - want.keys())]
+    for k in sorted(want.keys() & got.keys()):
+        if tuple(got[k].shape) != tuple(want[k].shape) or jnp.dtype(got[k].dtype) != jnp.dtype(want[k].dtype):
+            problems.append(f"shape/dtype: {k}: expected {want[k].dtype} {tuple(want[k].shape)}, "
+                            f"got {got[k].dtype} {tuple(got[k].shape)}")
+    return problems
