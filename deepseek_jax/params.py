@@ -39,3 +39,19 @@ def abstract_params(cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None, rul
     shapes = nn.meta.unbox(boxed_abstract_params(cfg))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, param_shardings(cfg, mesh, rules))
+
+
+def param_mismatches(params, target, *, check_dtype: bool = False) -> list[str]:
+    """Every missing, unexpected or misshapen (and, with check_dtype, wrongly typed) leaf of
+    `params` against `target` (e.g. `abstract_params(cfg)`), by name."""
+    flat = lambda tree: {jax.tree_util.keystr(p): x for p, x in jax.tree.leaves_with_path(nn.meta.unbox(tree))}
+    got, want = flat(params), flat(target)
+    problems = [f"missing: {k}" for k in sorted(want.keys() - got.keys())]
+    problems += [f"unexpected: {k}" for k in sorted(got.keys() - want.keys())]
+    for k in sorted(want.keys() & got.keys()):
+        g, w = got[k], want[k]
+        if tuple(g.shape) != tuple(w.shape) or (check_dtype and jnp.dtype(g.dtype) != jnp.dtype(w.dtype)):
+            what = f"{w.dtype} {tuple(w.shape)}, got {g.dtype} {tuple(g.shape)}" if check_dtype \
+                else f"{tuple(w.shape)}, got {tuple(g.shape)}"
+            problems.append(f"{'shape/dtype' if check_dtype else 'shape'}: {k}: expected {what}")
+    return problems

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.params import LogicalRules, abstract_params
+from deepseek_jax.params import LogicalRules, abstract_params, param_mismatches
 
 class CheckpointManager:
     """Periodic, asynchronous, atomic checkpoints of one training run in `directory`."""
@@ -136,14 +136,10 @@ def export_inference(directory, cfg: ModelConfig, params) -> None:
     cfg = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
     params = nn.meta.unbox(params)
     expected = abstract_params(cfg)
-    got = {jax.tree_util.keystr(p): tuple(x.shape) for p, x in jax.tree.leaves_with_path(params)}
-    want = {jax.tree_util.keystr(p): s.shape for p, s in jax.tree.leaves_with_path(expected)}
-    problems = [f"missing: {k}" for k in want.keys() - got.keys()]
-    problems += [f"unexpected: {k}" for k in got.keys() - want.keys()]
-    problems += [f"shape: {k}: expected {want[k]}, got {got[k]}" for k in want.keys() & got.keys() if want[k] != got[k]]
+    problems = param_mismatches(params, expected)
     if problems:
         raise ValueError(f"export_inference: params do not match the config ({len(problems)} problems):\n  "
-                         + "\n  ".join(sorted(problems)))
+                         + "\n  ".join(problems))
     params = jax.tree.map(lambda x, s: jnp.asarray(x).astype(s.dtype), params, expected)
     os.makedirs(directory, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
@@ -170,22 +166,9 @@ def load_inference(directory, *, mesh: jax.sharding.Mesh | None = None,
     target = abstract_params(cfg, mesh, rules)
     with ocp.StandardCheckpointer() as checkpointer:
         stored = checkpointer.metadata(os.path.join(directory, "params")).item_metadata.tree
-        problems = _tree_mismatches(stored, target)
+        problems = param_mismatches(stored, target, check_dtype=True)
         if problems:
             raise ValueError(f"load_inference: {directory} does not match its model_config.json "
                              f"({len(problems)} problems):\n  " + "\n  ".join(problems))
         params = checkpointer.restore(os.path.join(directory, "params"), target)
     return cfg, params
-
-
-def _tree_mismatches(stored, target) -> list[str]:
-    """Missing, unexpected, misshapen or wrongly typed leaves of `stored` against `target`, by name."""
-    flat = lambda tree: {jax.tree_util.keystr(p): x for p, x in jax.tree.leaves_with_path(tree)}
-    got, want = flat(stored), flat(target)
-    problems = [f"missing: {k}" for k in sorted(want.keys() - got.keys())]
-    problems += [f"unexpected: {k}" for k in sorted(got.keys() - want.keys())]
-    for k in sorted(want.keys() & got.keys()):
-        if tuple(got[k].shape) != tuple(want[k].shape) or jnp.dtype(got[k].dtype) != jnp.dtype(want[k].dtype):
-            problems.append(f"shape/dtype: {k}: expected {want[k].dtype} {tuple(want[k].shape)}, "
-                            f"got {got[k].dtype} {tuple(got[k].shape)}")
-    return problems
