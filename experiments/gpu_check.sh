@@ -1,29 +1,39 @@
 #!/usr/bin/env bash
 # One GPU check, run from the repo root on a machine with JAX (CUDA), flax, optax: installs
-# nothing. Correctness first (our model on the GPU vs the CPU oracle, fp32 with exact matmuls),
-# then timing (sparse vs dense attention block). Results land in ${OUT:-/tmp/gpu_check}.
+# nothing. Correctness first, then timing. Results land in ${OUT:-/tmp/gpu_check}.
+#   bash experiments/gpu_check.sh            everything (about 8 minutes on an H200)
+#   bash experiments/gpu_check.sh model      model correctness (GPU vs the CPU oracle) + bench_attention
+#   bash experiments/gpu_check.sh kernels    DSA kernels: device check vs the reference, then bench_kernels
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
+PART=${1:-all}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} DEEPSEEK_JAX_COMPILE_CACHE=/tmp/jax_cache
 nvidia-smi -L
 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+quiet() { grep -v "^W\|^I"; }
 
-echo "== correctness (JAX on GPU, fp32 HIGHEST matmuls) =="
-export JAX_PLATFORMS=cuda,cpu JAX_DEFAULT_MATMUL_PRECISION=highest DEEPSEEK_JAX_COMPILE_CACHE=/tmp/jax_cache
-tests="tests/test_attention.py"
-if python3 -c "import transformers.models.deepseek_v32" 2>/dev/null; then
-  tests="$tests tests/test_hf_parity.py"
-else
-  echo "transformers has no deepseek_v32 here: HF parity skipped"
+if [[ $PART == all || $PART == model ]]; then
+  echo "== model correctness (JAX on GPU, fp32 HIGHEST matmuls) =="
+  tests="tests/test_attention.py"
+  if python3 -c "import transformers.models.deepseek_v32" 2>/dev/null; then
+    tests="$tests tests/test_hf_parity.py"
+  else
+    echo "transformers has no deepseek_v32 here: HF parity skipped"
+  fi
+  JAX_PLATFORMS=cuda,cpu JAX_DEFAULT_MATMUL_PRECISION=highest \
+    timeout 180 python3 -m pytest -q -x -p no:cacheprovider $tests 2>&1 | tee "$OUT/tests.log" | tail -15
+  echo "== timing: attention block, sparse vs dense, bf16 =="
+  timeout 120 python3 -m experiments.bench_attention --preset=small --dtype=bfloat16 --topk=2048 --repeats=5 \
+    --seq_lens=4096,8192,16384,32768,65536 --max_dense_bytes=2e10 --out="$OUT/bench_attention_small.json" \
+    2>&1 | quiet | tee "$OUT/bench_small.log"
+  timeout 120 python3 -m experiments.bench_attention --preset=v32-671b --dtype=bfloat16 --topk=2048 --repeats=5 \
+    --seq_lens=4096,8192,16384,32768 --max_dense_bytes=2e10 --out="$OUT/bench_attention_v32.json" \
+    2>&1 | quiet | tee "$OUT/bench_v32.log"
 fi
-timeout 180 python3 -m pytest -q -x -p no:cacheprovider $tests 2>&1 | tee "$OUT/tests.log" | tail -15
-unset JAX_DEFAULT_MATMUL_PRECISION
 
-echo "== timing: attention block, sparse vs dense, bf16 =="
-timeout 120 python3 -m experiments.bench_attention --preset=small --dtype=bfloat16 --topk=2048 --repeats=5 \
-  --seq_lens=4096,8192,16384,32768,65536 --max_dense_bytes=2e10 --out="$OUT/bench_attention_small.json" \
-  2>&1 | grep -v "^W\|^I" | tee "$OUT/bench_small.log"
-timeout 120 python3 -m experiments.bench_attention --preset=v32-671b --dtype=bfloat16 --topk=2048 --repeats=5 \
-  --seq_lens=4096,8192,16384,32768 --max_dense_bytes=2e10 --out="$OUT/bench_attention_v32.json" \
-  2>&1 | grep -v "^W\|^I" | tee "$OUT/bench_v32.log"
+if [[ $PART == all || $PART == kernels ]]; then
+  echo "== DSA kernels: check on the device, then time against the XLA reference and cuDNN dense =="
+  timeout 300 python3 -m experiments.bench_kernels --seq_lens=4096,16384,65536 --out="$OUT/bench_kernels.json" \
+    2>&1 | quiet | tee "$OUT/bench_kernels.log"
+fi

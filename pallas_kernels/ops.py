@@ -1,21 +1,30 @@
 """Public DSA entry points: `indexer_topk` and `sparse_mla` (their names and shapes are a contract).
 
-`impl="auto"` picks the fastest implementation available for the backend; today that is the
-pure-JAX reference everywhere (the Pallas kernels are not written yet, so `impl="pallas"` is
-refused with a clear error rather than silently falling back).
+`impl="reference"` is the pure-JAX reference; `impl="pallas"` the Pallas kernel (the Triton
+lowering; `interpret=True` runs it anywhere, for tests); `impl="auto"` picks the kernel on GPU
+and the reference elsewhere. Built so far: the sparse MLA forward kernel (its gradient is the
+reference's VJP until the backward kernel lands). The indexer has no kernel yet, so
+`indexer_topk(impl="pallas")` is refused with a clear error rather than silently falling back.
 """
 
+import functools
+
+import jax
+
 from pallas_kernels.indexer.reference import indexer_topk_reference
+from pallas_kernels.sparse_mla import triton as sparse_mla_triton
 from pallas_kernels.sparse_mla.reference import sparse_mla_reference
 
-_IMPLS = ("auto", "reference")
+_IMPLS = ("auto", "reference", "pallas")
 
 
 def _check_impl(impl):
-    if impl == "pallas":
-        raise ValueError("impl='pallas': no Pallas DSA kernel is built yet; use impl='auto' or 'reference'")
     if impl not in _IMPLS:
-        raise ValueError(f"impl: expected one of {_IMPLS + ('pallas',)}, got {impl!r}")
+        raise ValueError(f"impl: expected one of {_IMPLS}, got {impl!r}")
+
+
+def _use_kernel(impl, interpret):
+    return impl == "pallas" or (impl == "auto" and (interpret or jax.default_backend() == "gpu"))
 
 
 def indexer_topk(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, impl="auto", interpret=False,
@@ -27,8 +36,10 @@ def indexer_topk(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, impl="a
     I[t, s] = k_scale[s] Σ_h w[t, h] relu(q[t, h]·k[s]) over s <= t + q_offset, s < k_len[b];
     -1 marks slots with no valid key. Ties: lowest index first.
     """
-    del interpret
     _check_impl(impl)
+    if impl == "pallas":
+        raise ValueError("indexer_topk(impl='pallas'): no Pallas indexer kernel is built yet; use 'auto' or 'reference'")
+    del interpret
     if q.ndim != 4 or k.ndim != 3 or w.ndim != 3:
         raise ValueError(f"indexer_topk: expected q [B,T,H,D], k [B,S,D], w [B,T,H]; got {q.shape}, {k.shape}, {w.shape}")
     if q.shape[-1] != k.shape[-1] or q.shape[:3] != w.shape or q.shape[0] != k.shape[0]:
@@ -43,10 +54,31 @@ def sparse_mla(q, kv, indices, *, scale, v_dim=512, impl="auto", interpret=False
     q [B, T, H, Dqk], kv [B, S, Dqk], indices [B, T, K] (-1 = unused) -> [B, T, H, v_dim], the
     values being kv[..., :v_dim]; softmax over the selected rows only.
     """
-    del interpret
     _check_impl(impl)
     if q.ndim != 4 or kv.ndim != 3 or indices.ndim != 3:
         raise ValueError(f"sparse_mla: expected q [B,T,H,D], kv [B,S,D], indices [B,T,K]; got {q.shape}, {kv.shape}, {indices.shape}")
     if q.shape[-1] != kv.shape[-1] or q.shape[:2] != indices.shape[:2] or v_dim > kv.shape[-1]:
         raise ValueError(f"sparse_mla: shapes disagree: q {q.shape}, kv {kv.shape}, indices {indices.shape}, v_dim {v_dim}")
+    if _use_kernel(impl, interpret):
+        return _sparse_mla_kernel(q, kv, indices, scale, v_dim, interpret, chunk_size)
     return sparse_mla_reference(q, kv, indices, scale=scale, v_dim=v_dim, chunk_size=chunk_size)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _sparse_mla_kernel(q, kv, indices, scale, v_dim, interpret, chunk_size):
+    return sparse_mla_triton.sparse_mla_fwd(q, kv, indices, scale=scale, v_dim=v_dim, interpret=interpret)[0]
+
+
+def _sparse_mla_kernel_fwd(q, kv, indices, scale, v_dim, interpret, chunk_size):
+    return _sparse_mla_kernel(q, kv, indices, scale, v_dim, interpret, chunk_size), (q, kv, indices)
+
+
+def _sparse_mla_kernel_bwd(scale, v_dim, interpret, chunk_size, residuals, g):
+    # The backward kernel is not written yet: differentiate the reference (same function).
+    q, kv, indices = residuals
+    _, vjp = jax.vjp(lambda q_, kv_: sparse_mla_reference(q_, kv_, indices, scale=scale, v_dim=v_dim,
+                                                          chunk_size=chunk_size), q, kv)
+    return (*vjp(g), None)
+
+
+_sparse_mla_kernel.defvjp(_sparse_mla_kernel_fwd, _sparse_mla_kernel_bwd)

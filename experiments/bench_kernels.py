@@ -1,0 +1,146 @@
+"""Microbenchmarks of the DSA kernels against their baselines, measured in the same run.
+
+    python -m experiments.bench_kernels [--seq_lens=4096,16384,65536] [--topk=2048] [--out=bench_kernels.json]
+
+sparse_mla forward (V3.2 shapes: H=128 heads, Dqk=576, Dv=512, k=2048, one KV row per token):
+  - the Pallas kernel (Triton lowering), each --configs tile config (block_h:block_k:num_warps:num_stages) at --sweep_len, then the
+    best one at every length;
+  - the XLA reference (`pallas_kernels/sparse_mla/reference.py`) up to --max_reference_len;
+  - dense causal attention in MHA mode (what V3.1 prefill ran): `jax.nn.dot_product_attention`
+    (cuDNN on GPU), q/k 192-d, v 128-d padded to 192 (cuDNN wants equal dims; FLOPs count 128).
+Counting follows FlashMLA: sparse FLOPs = 2·T·k·H·(Dqk + Dv) (unused slots included), bytes =
+valid rows · Dqk · 2 + T·H·(Dqk + Dv)·2; dense causal FLOPs = T²·H·(192 + 128). Roofline
+fractions use --peak_tflops and --peak_gbs (H200 measured here: ~790 TFLOP/s bf16, ~4.3 TB/s).
+Before timing, the kernel is checked against the reference on the device (max abs error).
+Times are medians of --repeats runs after a warm-up; on shared machines prefer ratios.
+"""
+
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from pallas_kernels.sparse_mla.reference import sparse_mla_reference
+from pallas_kernels.sparse_mla.triton import sparse_mla_fwd
+
+_SEQ_LENS = flags.DEFINE_list("seq_lens", ["4096", "16384", "65536"], "query (= key) lengths T")
+_TOPK = flags.DEFINE_integer("topk", 2048, "selected rows per query")
+_HEADS = flags.DEFINE_integer("heads", 128, "attention heads")
+_V_DIM = flags.DEFINE_integer("v_dim", 512, "latent / value dim")
+_ROPE_DIM = flags.DEFINE_integer("rope_dim", 64, "RoPE dim (Dqk = v_dim + rope_dim)")
+_CONFIGS = flags.DEFINE_list("configs", ["16:32:4:2", "32:32:4:2", "32:64:4:2", "64:32:8:2", "64:64:8:2",
+                                         "32:32:8:3", "64:32:4:1"], "block_h:block_k:num_warps:num_stages, ...")
+_SWEEP_LEN = flags.DEFINE_integer("sweep_len", 16384, "length at which tile configs are compared")
+_MAX_REF = flags.DEFINE_integer("max_reference_len", 16384, "longest T for the XLA reference")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "timed runs (median reported)")
+_PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 790.0, "bf16 matmul peak for the roofline fraction")
+_PEAK_GBS = flags.DEFINE_float("peak_gbs", 4300.0, "HBM bandwidth for the roofline fraction")
+_OUT = flags.DEFINE_string("out", "bench_kernels.json", "JSON output path")
+_INTERPRET = flags.DEFINE_bool("interpret", False, "run the kernel in Pallas interpret mode (CPU smoke runs)")
+
+
+def _time(fn, *args):
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(_REPEATS.value):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _inputs(t, key):
+    h, d, k = _HEADS.value, _V_DIM.value + _ROPE_DIM.value, _TOPK.value
+    kq, kkv, ki = jax.random.split(key, 3)
+    q = jax.random.normal(kq, (1, t, h, d), jnp.bfloat16)
+    kv = jax.random.normal(kkv, (1, t, d), jnp.bfloat16)
+    pos = jnp.arange(t, dtype=jnp.int32)[:, None]
+    idx = (jax.random.uniform(ki, (t, k)) * (pos + 1)).astype(jnp.int32)  # causal rows, random order
+    idx = jnp.where(jnp.arange(k)[None, :] <= pos, idx, -1)               # early queries: fewer rows
+    return q, kv, idx[None]
+
+
+def _sparse_costs(t, idx):
+    h, d, v = _HEADS.value, _V_DIM.value + _ROPE_DIM.value, _V_DIM.value
+    flops = 2 * t * _TOPK.value * h * (d + v)
+    nbytes = int(jnp.sum(idx >= 0)) * d * 2 + t * h * (d + v) * 2
+    return flops, nbytes
+
+
+def _row(name, t, seconds, flops, nbytes):
+    tflops, gbs = flops / seconds / 1e12, nbytes / seconds / 1e9
+    row = dict(kernel=name, T=t, ms=seconds * 1e3, tflops=tflops, gbs=gbs,
+               roofline=max(tflops / _PEAK_TFLOPS.value, gbs / _PEAK_GBS.value))
+    print(f"{name:34s} {t:>7d} {row['ms']:>10.2f} {tflops:>8.1f} {gbs:>8.0f} {row['roofline']:>8.2f}", flush=True)
+    return row
+
+
+def main(argv):
+    del argv
+    v, scale = _V_DIM.value, (_V_DIM.value + _ROPE_DIM.value) ** -0.5
+    print(f"device: {jax.devices()[0].device_kind}  jax {jax.__version__}")
+    q, kv, idx = _inputs(1024, jax.random.PRNGKey(0))
+    ref = sparse_mla_reference(q.astype(jnp.float32), kv.astype(jnp.float32), idx, scale=scale, v_dim=v)
+    check = {}
+    for cfg in _CONFIGS.value:
+        bh, bk, w, s = map(int, cfg.split(":"))
+        try:
+            out, _ = sparse_mla_fwd(q, kv, idx, scale=scale, v_dim=v, block_h=bh, block_k=bk, num_warps=w,
+                                    num_stages=s, interpret=_INTERPRET.value)
+        except Exception as e:  # a tile config Triton cannot compile (registers, shared memory)
+            print(f"config {cfg}: failed to compile ({type(e).__name__}: {str(e)[:300]})", flush=True)
+            continue
+        check[cfg] = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref)))
+    print("correctness vs f32 reference (T=1024, bf16 inputs), max abs error per config:", check, flush=True)
+    configs = [c for c, err in check.items() if err < 0.05]
+    if not configs:
+        raise SystemExit("no tile config compiled and matched the reference")
+
+    rows = []
+    print(f"{'kernel':34s} {'T':>7s} {'ms':>10s} {'TFLOP/s':>8s} {'GB/s':>8s} {'roofline':>8s}")
+    q, kv, idx = _inputs(_SWEEP_LEN.value, jax.random.PRNGKey(1))
+    flops, nbytes = _sparse_costs(_SWEEP_LEN.value, idx)
+    sweep = {}
+    for cfg in configs:
+        bh, bk, w, s = map(int, cfg.split(":"))
+        fn = jax.jit(lambda q, kv, idx, bh=bh, bk=bk, w=w, s=s: sparse_mla_fwd(
+            q, kv, idx, scale=scale, v_dim=v, block_h=bh, block_k=bk, num_warps=w, num_stages=s,
+            interpret=_INTERPRET.value)[0])
+        try:
+            sweep[cfg] = _time(fn, q, kv, idx)
+        except Exception as e:  # a tile config Triton cannot fit (registers, shared memory)
+            print(f"config {cfg}: failed ({type(e).__name__}: {str(e)[:120]})")
+            continue
+        rows.append(_row(f"sparse_mla pallas [{cfg}]", _SWEEP_LEN.value, sweep[cfg], flops, nbytes))
+    best = min(sweep, key=sweep.get)
+    bh, bk, w, s = map(int, best.split(":"))
+    kernel = jax.jit(lambda q, kv, idx: sparse_mla_fwd(q, kv, idx, scale=scale, v_dim=v, block_h=bh, block_k=bk,
+                                                        num_warps=w, num_stages=s, interpret=_INTERPRET.value)[0])
+    reference = jax.jit(lambda q, kv, idx: sparse_mla_reference(q, kv, idx, scale=scale, v_dim=v))
+    dense = jax.jit(lambda q, k, vv: jax.nn.dot_product_attention(q, k, vv, is_causal=True,
+                                                                  implementation="cudnn" if jax.default_backend() == "gpu" else None))
+    for t in (int(x) for x in _SEQ_LENS.value):
+        q, kv, idx = _inputs(t, jax.random.PRNGKey(t))
+        flops, nbytes = _sparse_costs(t, idx)
+        rows.append(_row(f"sparse_mla pallas [{best}]", t, _time(kernel, q, kv, idx), flops, nbytes))
+        if t <= _MAX_REF.value:
+            rows.append(_row("sparse_mla xla reference", t, _time(reference, q, kv, idx), flops, nbytes))
+        del q, kv, idx
+        h = _HEADS.value
+        qd = jax.random.normal(jax.random.PRNGKey(2), (1, t, h, 192), jnp.bfloat16)
+        dense_flops = t * t * h * (192 + 128)
+        dense_bytes = 4 * t * h * 192 * 2
+        rows.append(_row("dense causal MHA (cuDNN, 192/128)", t, _time(dense, qd, qd, qd), dense_flops, dense_bytes))
+        del qd
+    with open(_OUT.value, "w") as f:
+        json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, best_config=best, check=check,
+                       rows=rows), f, indent=2)
+    print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)
