@@ -37,13 +37,14 @@ def _kernel(idx_ref, qn_ref, qr_ref, kvn_ref, kvr_ref, o_ref, lse_ref, *, scale,
         rows = jnp.where(used, idx, 0)
         kn = kvn_ref[rows, :]  # [block_k, V] gathered rows
         kr = kvr_ref[rows, :]  # [block_k, R]
-        s = pl.dot(qn, kn, trans_b=True) + pl.dot(qr, kr, trans_b=True)
+        s = (jnp.dot(qn, kn.T, preferred_element_type=jnp.float32)
+             + jnp.dot(qr, kr.T, preferred_element_type=jnp.float32))
         s = jnp.where(used[None, :], s * scale, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         p = jnp.exp(s - shift[:, None])
         alpha = jnp.exp(m - shift)
-        acc = acc * alpha[:, None] + pl.dot(p.astype(kn.dtype), kn)
+        acc = acc * alpha[:, None] + jnp.dot(p.astype(kn.dtype), kn, preferred_element_type=jnp.float32)
         return m_new, l * alpha + jnp.sum(p, axis=1), acc
 
     init = (jnp.full((block_h,), -jnp.inf, jnp.float32), jnp.zeros((block_h,), jnp.float32),
