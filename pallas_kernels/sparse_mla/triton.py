@@ -8,7 +8,9 @@ the output and the log-sum-exp (for a backward pass). Unused slots (-1) are skip
 
 Triton wants power-of-two tiles of at least 16, so the wrapper pads the head, latent and RoPE
 dims (zeros change no dot product) and the top-k axis (with -1), and flattens the batch into
-the row index. Reference: `pallas_kernels/sparse_mla/reference.py`.
+the row index. Reference: `pallas_kernels/sparse_mla/reference.py`. Default tiles (32 heads x
+64 rows, 4 warps, 2 stages) were the fastest of a sweep on an H200 (experiments/bench_kernels.py):
+~226 TFLOP/s at V3.2 shapes (H=128, k=2048), T=16K.
 
 Shapes: B batch, T queries, S keys, H heads, V latent/value dim (512), R RoPE dim (64),
 K selected rows per query.
@@ -56,7 +58,7 @@ def _kernel(idx_ref, qn_ref, qr_ref, kvn_ref, kvr_ref, o_ref, lse_ref, *, scale,
 
 @functools.partial(jax.jit, static_argnames=("scale", "v_dim", "block_h", "block_k", "num_warps", "num_stages",
                                              "interpret"))
-def sparse_mla_fwd(q, kv, indices, *, scale, v_dim, block_h=32, block_k=32, num_warps=4, num_stages=2,
+def sparse_mla_fwd(q, kv, indices, *, scale, v_dim, block_h=32, block_k=64, num_warps=4, num_stages=2,
                    interpret=False):
     """q [B,T,H,D], kv [B,S,D], indices [B,T,K] -> (out [B,T,H,v_dim] in q's dtype, lse [B,T,H] f32)."""
     b, t, h, d = q.shape
