@@ -84,6 +84,25 @@ def test_transformers_loads_our_export(saved):
     assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 1e-4
 
 
+def test_transformers_loads_our_fp8_export(saved, tmp_path):
+    """transformers (FineGrainedFP8Config(dequantize=True), CPU) reads our FP8 files as we do."""
+    import torch
+
+    from tests.hf_oracle import hf_logits
+
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    cfg, params, _ = saved
+    save_hf(tmp_path, cfg, params, fp8=True)
+    model = transformers.DeepseekV32ForCausalLM.from_pretrained(
+        tmp_path, quantization_config=transformers.FineGrainedFP8Config(dequantize=True),
+        attn_implementation="eager", dtype=torch.float32).eval()
+    tokens = np.random.default_rng(4).integers(0, cfg.vocab_size, size=(1, 24))
+    _, dequantised = load_hf(tmp_path, dtype="float32")
+    ours, ref = np.asarray(forward(dequantised, tokens, cfg)), hf_logits(model, tokens)
+    assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) < 1e-4
+
+
 def test_fp8_checkpoint_loads_and_matches_the_dequantised_model(saved, tmp_path):
     cfg, params, _ = saved
     save_hf(tmp_path, cfg, params, fp8=True, max_shard_bytes=150_000)
