@@ -8,6 +8,8 @@ sparse_mla forward (V3.2 shapes: H=128 heads, Dqk=576, Dv=512, k=2048, one KV ro
   - the XLA reference (`pallas_kernels/sparse_mla/reference.py`) up to --max_reference_len;
   - dense causal attention in MHA mode (what V3.1 prefill ran): `jax.nn.dot_product_attention`
     (cuDNN on GPU), q/k 192-d, v 128-d padded to 192 (cuDNN wants equal dims; FLOPs count 128).
+sparse_mla backward (dq, dkv with atomic adds), each --bwd_configs tile config at --bwd_len,
+against `jax.vjp` of the XLA reference; backward FLOPs = 2·T·k·H·(3·Dqk + 2·Dv).
 Counting follows FlashMLA: sparse FLOPs = 2·T·k·H·(Dqk + Dv) (unused slots included), bytes =
 valid rows · Dqk · 2 + T·H·(Dqk + Dv)·2; dense causal FLOPs = T²·H·(192 + 128). Roofline
 fractions use --peak_tflops and --peak_gbs (H200 measured here: ~790 TFLOP/s bf16, ~4.3 TB/s).
@@ -25,7 +27,7 @@ import numpy as np
 from absl import app, flags
 
 from pallas_kernels.sparse_mla.reference import sparse_mla_reference
-from pallas_kernels.sparse_mla.triton import sparse_mla_fwd
+from pallas_kernels.sparse_mla.triton import sparse_mla_bwd, sparse_mla_fwd
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["4096", "16384", "65536"], "query (= key) lengths T")
 _TOPK = flags.DEFINE_integer("topk", 2048, "selected rows per query")
@@ -40,6 +42,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "timed runs (median reported)")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 790.0, "bf16 matmul peak for the roofline fraction")
 _PEAK_GBS = flags.DEFINE_float("peak_gbs", 4300.0, "HBM bandwidth for the roofline fraction")
 _OUT = flags.DEFINE_string("out", "bench_kernels.json", "JSON output path")
+_BWD_CONFIGS = flags.DEFINE_list("bwd_configs", ["16:32:4:2", "32:32:4:2", "32:64:4:2", "16:64:4:2"],
+                                  "backward tiles block_h:block_k:num_warps:num_stages, ...")
+_BWD_LEN = flags.DEFINE_integer("bwd_len", 16384, "length at which the backward kernel is timed")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "run the kernel in Pallas interpret mode (CPU smoke runs)")
 
 
@@ -58,9 +63,13 @@ def _inputs(t, key):
     kq, kkv, ki = jax.random.split(key, 3)
     q = jax.random.normal(kq, (1, t, h, d), jnp.bfloat16)
     kv = jax.random.normal(kkv, (1, t, d), jnp.bfloat16)
+    # Unique causal rows, one drawn at random from each of k equal strata of [0, t] (the indexer
+    # never repeats a key); queries with t < k take every earlier key.
     pos = jnp.arange(t, dtype=jnp.int32)[:, None]
-    idx = (jax.random.uniform(ki, (t, k)) * (pos + 1)).astype(jnp.int32)  # causal rows, random order
-    idx = jnp.where(jnp.arange(k)[None, :] <= pos, idx, -1)               # early queries: fewer rows
+    j = jnp.arange(k, dtype=jnp.int32)[None, :]
+    width = jnp.maximum((pos + 1) // k, 1)
+    idx = j * width + (jax.random.uniform(ki, (t, k)) * width).astype(jnp.int32)
+    idx = jnp.where(j <= pos, idx, -1)
     return q, kv, idx[None]
 
 
@@ -77,6 +86,44 @@ def _row(name, t, seconds, flops, nbytes):
                roofline=max(tflops / _PEAK_TFLOPS.value, gbs / _PEAK_GBS.value))
     print(f"{name:34s} {t:>7d} {row['ms']:>10.2f} {tflops:>8.1f} {gbs:>8.0f} {row['roofline']:>8.2f}", flush=True)
     return row
+
+
+def _backward(scale, v):
+    """Checks the backward kernel against the reference VJP on the device, then times it."""
+    rows = []
+    d = _V_DIM.value + _ROPE_DIM.value
+    for t in (1024, _BWD_LEN.value):
+        q, kv, idx = _inputs(t, jax.random.PRNGKey(7 + t))
+        out, lse = sparse_mla_fwd(q, kv, idx, scale=scale, v_dim=v, interpret=_INTERPRET.value)
+        d_out = jax.random.normal(jax.random.PRNGKey(8), out.shape, out.dtype)
+        flops = 2 * t * _TOPK.value * _HEADS.value * (3 * d + 2 * v)
+        nbytes = 2 * _sparse_costs(t, idx)[1]
+        if t == 1024:
+            _, vjp = jax.vjp(lambda a, b: sparse_mla_reference(a, b, idx, scale=scale, v_dim=v),
+                             q.astype(jnp.float32), kv.astype(jnp.float32))
+            want = vjp(d_out.astype(jnp.float32))
+        for cfg in _BWD_CONFIGS.value:
+            bh, bk, w, s = map(int, cfg.split(":"))
+            fn = jax.jit(lambda *a, bh=bh, bk=bk, w=w, s=s: sparse_mla_bwd(
+                *a, scale=scale, v_dim=v, block_h=bh, block_k=bk, num_warps=w, num_stages=s,
+                interpret=_INTERPRET.value))
+            try:
+                if t == 1024:
+                    got = fn(q, kv, idx, out, lse, d_out)
+                    errs = [float(jnp.max(jnp.abs(g.astype(jnp.float32) - r)) / float(jnp.max(jnp.abs(r))))
+                            for g, r in zip(got, want)]
+                    print(f"backward [{cfg}] relative max error vs reference VJP: dq {errs[0]:.2e} dkv {errs[1]:.2e}",
+                          flush=True)
+                    continue
+                rows.append(_row(f"sparse_mla bwd pallas [{cfg}]", t, _time(fn, q, kv, idx, out, lse, d_out),
+                                 flops, nbytes))
+            except Exception as e:
+                print(f"backward config {cfg}: failed ({type(e).__name__}: {str(e)[:200]})", flush=True)
+        if t != 1024:
+            ref_bwd = jax.jit(lambda q, kv, d_out: jax.vjp(
+                lambda a, b: sparse_mla_reference(a, b, idx, scale=scale, v_dim=v), q, kv)[1](d_out))
+            rows.append(_row("sparse_mla bwd xla reference (vjp)", t, _time(ref_bwd, q, kv, d_out), flops, nbytes))
+    return rows
 
 
 def main(argv):
@@ -136,6 +183,7 @@ def main(argv):
         dense_bytes = 4 * t * h * 192 * 2
         rows.append(_row("dense causal MHA (cuDNN, 192/128)", t, _time(dense, qd, qd, qd), dense_flops, dense_bytes))
         del qd
+    rows += _backward(scale, v)
     with open(_OUT.value, "w") as f:
         json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, best_config=best, check=check,
                        rows=rows), f, indent=2)

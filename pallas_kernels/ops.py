@@ -2,8 +2,8 @@
 
 `impl="reference"` is the pure-JAX reference; `impl="pallas"` the Pallas kernel (the Triton
 lowering; `interpret=True` runs it anywhere, for tests); `impl="auto"` picks the kernel on GPU
-and the reference elsewhere. Built so far: the sparse MLA forward kernel (its gradient is the
-reference's VJP until the backward kernel lands). The indexer has no kernel yet, so
+and the reference elsewhere. Built so far: the sparse MLA forward and backward kernels (a
+`jax.custom_vjp`). The indexer has no kernel yet, so
 `indexer_topk(impl="pallas")` is refused with a clear error rather than silently falling back.
 """
 
@@ -60,25 +60,25 @@ def sparse_mla(q, kv, indices, *, scale, v_dim=512, impl="auto", interpret=False
     if q.shape[-1] != kv.shape[-1] or q.shape[:2] != indices.shape[:2] or v_dim > kv.shape[-1]:
         raise ValueError(f"sparse_mla: shapes disagree: q {q.shape}, kv {kv.shape}, indices {indices.shape}, v_dim {v_dim}")
     if _use_kernel(impl, interpret):
-        return _sparse_mla_kernel(q, kv, indices, scale, v_dim, interpret, chunk_size)
+        return _sparse_mla_kernel(q, kv, indices, scale, v_dim, interpret)
     return sparse_mla_reference(q, kv, indices, scale=scale, v_dim=v_dim, chunk_size=chunk_size)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _sparse_mla_kernel(q, kv, indices, scale, v_dim, interpret, chunk_size):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _sparse_mla_kernel(q, kv, indices, scale, v_dim, interpret):
     return sparse_mla_triton.sparse_mla_fwd(q, kv, indices, scale=scale, v_dim=v_dim, interpret=interpret)[0]
 
 
-def _sparse_mla_kernel_fwd(q, kv, indices, scale, v_dim, interpret, chunk_size):
-    return _sparse_mla_kernel(q, kv, indices, scale, v_dim, interpret, chunk_size), (q, kv, indices)
+def _sparse_mla_kernel_fwd(q, kv, indices, scale, v_dim, interpret):
+    out, lse = sparse_mla_triton.sparse_mla_fwd(q, kv, indices, scale=scale, v_dim=v_dim, interpret=interpret)
+    return out, (q, kv, indices, out, lse)
 
 
-def _sparse_mla_kernel_bwd(scale, v_dim, interpret, chunk_size, residuals, g):
-    # The backward kernel is not written yet: differentiate the reference (same function).
-    q, kv, indices = residuals
-    _, vjp = jax.vjp(lambda q_, kv_: sparse_mla_reference(q_, kv_, indices, scale=scale, v_dim=v_dim,
-                                                          chunk_size=chunk_size), q, kv)
-    return (*vjp(g), None)
+def _sparse_mla_kernel_bwd(scale, v_dim, interpret, residuals, g):
+    q, kv, indices, out, lse = residuals
+    dq, dkv = sparse_mla_triton.sparse_mla_bwd(q, kv, indices, out, lse, g, scale=scale, v_dim=v_dim,
+                                               interpret=interpret)
+    return dq, dkv, None
 
 
 _sparse_mla_kernel.defvjp(_sparse_mla_kernel_fwd, _sparse_mla_kernel_bwd)

@@ -1,10 +1,17 @@
-"""Sparse MLA attention forward as a Pallas kernel with the Triton lowering (GPU).
+"""Sparse MLA attention forward and backward as Pallas kernels with the Triton lowering (GPU).
 
 One program per (query token, block of heads). It walks the query's selected rows in blocks
 of `block_k`: gathers their latent [c_kv] and RoPE [k_rope] parts straight from HBM by index
 (the rows are shared by every head, so a head block amortises each gather), scores
 q_nope·c_kv + q_rope·k_rope, and keeps an online softmax with a float32 accumulator. It writes
-the output and the log-sum-exp (for a backward pass). Unused slots (-1) are skipped by masking.
+the output and the log-sum-exp. Unused slots (-1) are skipped by masking.
+
+The backward kernel has the same grid and walk: it recomputes p from the saved log-sum-exp,
+forms dS = P ⊙ (dO·Vᵀ − Δ) (Δ = rowsum(dO ⊙ O), precomputed), writes dq for its heads, and
+adds each gathered row's gradient (scale·dSᵀq + Pᵀ dO on the latent part) into a float32 dkv
+with atomic adds: a row is shared by every query that selected it. (Interpret mode emulates the
+atomics with a scatter that counts a row repeated within one block once; the indexer never
+selects a key twice, and on the GPU the atomics are exact.)
 
 Triton wants power-of-two tiles of at least 16, so the wrapper pads the head, latent and RoPE
 dims (zeros change no dot product) and the top-k axis (with -1), and flattens the batch into
@@ -56,11 +63,8 @@ def _kernel(idx_ref, qn_ref, qr_ref, kvn_ref, kvr_ref, o_ref, lse_ref, *, scale,
     lse_ref[...] = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "v_dim", "block_h", "block_k", "num_warps", "num_stages",
-                                             "interpret"))
-def sparse_mla_fwd(q, kv, indices, *, scale, v_dim, block_h=32, block_k=64, num_warps=4, num_stages=2,
-                   interpret=False):
-    """q [B,T,H,D], kv [B,S,D], indices [B,T,K] -> (out [B,T,H,v_dim] in q's dtype, lse [B,T,H] f32)."""
+def _layout(q, kv, indices, v_dim, block_h, block_k):
+    """Padded, flattened operands: (qn, qr, kvn, kvr, rows, dims)."""
     b, t, h, d = q.shape
     s, k = kv.shape[1], indices.shape[-1]
     r = d - v_dim
@@ -69,28 +73,39 @@ def sparse_mla_fwd(q, kv, indices, *, scale, v_dim, block_h=32, block_k=64, num_
     hp = -(-h // block_h) * block_h
     kp = -(-k // block_k) * block_k
 
-    def split(x, heads):  # [..., D] -> latent [..., Vp], rope [..., Rp]
+    def split(x):  # [..., D] -> latent [..., Vp], rope [..., Rp]
         pad = [(0, 0)] * (x.ndim - 1)
-        return (jnp.pad(x[..., :v_dim], pad + [(0, vp - v_dim)]), jnp.pad(x[..., v_dim:], pad + [(0, rp - r)]))
+        return jnp.pad(x[..., :v_dim], pad + [(0, vp - v_dim)]), jnp.pad(x[..., v_dim:], pad + [(0, rp - r)])
 
-    qn, qr = split(jnp.pad(q, ((0, 0), (0, 0), (0, hp - h), (0, 0))), hp)
-    qn, qr = qn.reshape(b * t, hp, vp), qr.reshape(b * t, hp, rp)
-    kvn, kvr = split(kv, None)
-    kvn, kvr = kvn.reshape(b * s, vp), kvr.reshape(b * s, rp)
+    qn, qr = split(jnp.pad(q, ((0, 0), (0, 0), (0, hp - h), (0, 0))))
+    kvn, kvr = split(kv)
     rows = jnp.where(indices >= 0, indices + (jnp.arange(b, dtype=jnp.int32) * s)[:, None, None], -1)
     rows = jnp.pad(rows.reshape(b * t, k), ((0, 0), (0, kp - k)), constant_values=-1).astype(jnp.int32)
+    dims = dict(b=b, t=t, h=h, s=s, vp=vp, rp=rp, hp=hp, kp=kp, block_h=block_h)
+    return (qn.reshape(b * t, hp, vp), qr.reshape(b * t, hp, rp), kvn.reshape(b * s, vp), kvr.reshape(b * s, rp),
+            rows, dims)
 
+
+def _specs(dims, per_query_widths, full_widths):
+    """BlockSpecs: [rows], then per-(query, head block) tiles, then whole flattened-kv arrays."""
+    bh, bs = dims["block_h"], dims["b"] * dims["s"]
+    return ([pl.BlockSpec((None, dims["kp"]), lambda i, j: (i, 0))]
+            + [pl.BlockSpec((None, bh, w), lambda i, j: (i, j, 0)) for w in per_query_widths]
+            + [pl.BlockSpec((bs, w), lambda i, j: (0, 0)) for w in full_widths])
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "v_dim", "block_h", "block_k", "num_warps", "num_stages",
+                                             "interpret"))
+def sparse_mla_fwd(q, kv, indices, *, scale, v_dim, block_h=32, block_k=64, num_warps=4, num_stages=2,
+                   interpret=False):
+    """q [B,T,H,D], kv [B,S,D], indices [B,T,K] -> (out [B,T,H,v_dim] in q's dtype, lse [B,T,H] f32)."""
+    qn, qr, kvn, kvr, rows, dims = _layout(q, kv, indices, v_dim, block_h, block_k)
+    b, t, h, hp, vp, kp, block_h = (dims[n] for n in ("b", "t", "h", "hp", "vp", "kp", "block_h"))
     kernel = functools.partial(_kernel, scale=scale, block_k=block_k, num_k_blocks=kp // block_k)
     out, lse = pl.pallas_call(
         kernel,
         grid=(b * t, hp // block_h),
-        in_specs=[
-            pl.BlockSpec((None, kp), lambda i, j: (i, 0)),
-            pl.BlockSpec((None, block_h, vp), lambda i, j: (i, j, 0)),
-            pl.BlockSpec((None, block_h, rp), lambda i, j: (i, j, 0)),
-            pl.BlockSpec((b * s, vp), lambda i, j: (0, 0)),
-            pl.BlockSpec((b * s, rp), lambda i, j: (0, 0)),
-        ],
+        in_specs=_specs(dims, (vp, dims["rp"]), (vp, dims["rp"])),
         out_specs=[
             pl.BlockSpec((None, block_h, vp), lambda i, j: (i, j, 0)),
             pl.BlockSpec((None, block_h), lambda i, j: (i, j)),
@@ -102,3 +117,78 @@ def sparse_mla_fwd(q, kv, indices, *, scale, v_dim, block_h=32, block_k=64, num_
     )(rows, qn, qr, kvn, kvr)
     out = out.reshape(b, t, hp, vp)[:, :, :h, :v_dim]
     return out, lse.reshape(b, t, hp)[:, :, :h]
+
+
+def _bwd_kernel(idx_ref, qn_ref, qr_ref, do_ref, lse_ref, delta_ref, kvn_ref, kvr_ref, _dkvn_in, _dkvr_in,
+                dqn_ref, dqr_ref, dkvn_ref, dkvr_ref, *, scale, block_k, num_k_blocks):
+    qn, qr, do = qn_ref[...], qr_ref[...], do_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+    finite = lse > -jnp.inf
+    lse = jnp.where(finite, lse, 0.0)
+
+    def body(i, carry):
+        dqn, dqr = carry
+        idx = idx_ref[pl.ds(i * block_k, block_k)]
+        used = idx >= 0
+        rows = jnp.where(used, idx, 0)
+        kn, kr = kvn_ref[rows, :], kvr_ref[rows, :]
+        s = (jnp.dot(qn, kn.T, preferred_element_type=jnp.float32)
+             + jnp.dot(qr, kr.T, preferred_element_type=jnp.float32)) * scale
+        p = jnp.where(used[None, :] & finite[:, None], jnp.exp(s - lse[:, None]), 0.0)  # [Hb, bk]
+        dp = jnp.dot(do, kn.T, preferred_element_type=jnp.float32)
+        ds = (p * (dp - delta[:, None]) * scale).astype(kn.dtype)
+        dqn = dqn + jnp.dot(ds, kn, preferred_element_type=jnp.float32)
+        dqr = dqr + jnp.dot(ds, kr, preferred_element_type=jnp.float32)
+        dkn = (jnp.dot(ds.T, qn, preferred_element_type=jnp.float32)
+               + jnp.dot(p.astype(do.dtype).T, do, preferred_element_type=jnp.float32))
+        dkr = jnp.dot(ds.T, qr, preferred_element_type=jnp.float32)
+        # Unused slots add their (zero) rows into a spare last row rather than under a mask, and
+        # the indices are whole arrays: the forms interpret mode can also run.
+        target = jnp.where(used, idx, dkvn_ref.shape[0] - 1)
+        for ref, val in ((dkvn_ref, dkn), (dkvr_ref, dkr)):
+            cols = jnp.broadcast_to(jnp.arange(val.shape[1], dtype=jnp.int32)[None, :], val.shape)
+            plgpu.atomic_add(ref, (jnp.broadcast_to(target[:, None], val.shape), cols), val)
+        return dqn, dqr
+
+    init = (jnp.zeros(qn.shape, jnp.float32), jnp.zeros(qr.shape, jnp.float32))
+    dqn, dqr = jax.lax.fori_loop(0, num_k_blocks, body, init)
+    dqn_ref[...] = dqn.astype(dqn_ref.dtype)
+    dqr_ref[...] = dqr.astype(dqr_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "v_dim", "block_h", "block_k", "num_warps", "num_stages",
+                                             "interpret"))
+def sparse_mla_bwd(q, kv, indices, out, lse, d_out, *, scale, v_dim, block_h=32, block_k=64, num_warps=4,
+                   num_stages=2, interpret=False):
+    """Gradients (dq [B,T,H,D] in q's dtype, dkv [B,S,D] in kv's dtype) of `sparse_mla_fwd`'s output."""
+    qn, qr, kvn, kvr, rows, dims = _layout(q, kv, indices, v_dim, block_h, block_k)
+    b, t, h, s, hp, vp, rp, kp, block_h = (dims[n] for n in ("b", "t", "h", "s", "hp", "vp", "rp", "kp", "block_h"))
+    pad_heads = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, hp - h)] + [(0, 0)] * (x.ndim - 3))
+    do = pad_heads(jnp.pad(d_out, [(0, 0)] * 3 + [(0, vp - v_dim)])).reshape(b * t, hp, vp).astype(q.dtype)
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # Δ = rowsum(dO ⊙ O)
+    delta = pad_heads(delta).reshape(b * t, hp)
+    lse = jnp.pad(lse, ((0, 0), (0, 0), (0, hp - h)), constant_values=-jnp.inf).reshape(b * t, hp)
+    # dkv accumulates in float32 with one spare row (index b·s) that takes the unused slots.
+    zeros = (jnp.zeros((b * s + 1, vp), jnp.float32), jnp.zeros((b * s + 1, rp), jnp.float32))
+    head_vec = pl.BlockSpec((None, block_h), lambda i, j: (i, j))
+    dkv_specs = [pl.BlockSpec((b * s + 1, w), lambda i, j: (0, 0)) for w in (vp, rp)]
+    in_specs = _specs(dims, (vp, rp, vp), (vp, rp))
+    in_specs = in_specs[:4] + [head_vec, head_vec] + in_specs[4:] + dkv_specs
+    kernel = functools.partial(_bwd_kernel, scale=scale, block_k=block_k, num_k_blocks=kp // block_k)
+    dqn, dqr, dkvn, dkvr = pl.pallas_call(
+        kernel,
+        grid=(b * t, hp // block_h),
+        in_specs=in_specs,
+        out_specs=_specs(dims, (vp, rp), ())[1:] + dkv_specs,
+        out_shape=[jax.ShapeDtypeStruct((b * t, hp, vp), q.dtype), jax.ShapeDtypeStruct((b * t, hp, rp), q.dtype),
+                   jax.ShapeDtypeStruct((b * s + 1, vp), jnp.float32),
+                   jax.ShapeDtypeStruct((b * s + 1, rp), jnp.float32)],
+        input_output_aliases={8: 2, 9: 3},
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="sparse_mla_bwd",
+    )(rows, qn, qr, do, lse, delta, kvn, kvr, *zeros)
+    r = q.shape[-1] - v_dim
+    dq = jnp.concatenate([dqn.reshape(b, t, hp, vp)[:, :, :h, :v_dim], dqr.reshape(b, t, hp, rp)[:, :, :h, :r]], -1)
+    dkv = jnp.concatenate([dkvn[:-1].reshape(b, s, vp)[..., :v_dim], dkvr[:-1].reshape(b, s, rp)[..., :r]], -1)
+    return dq, dkv.astype(kv.dtype)
