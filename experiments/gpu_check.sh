@@ -34,6 +34,6 @@ fi
 
 if [[ $PART == all || $PART == kernels ]]; then
   echo "== DSA kernels: check on the device, then time against the XLA reference and cuDNN dense =="
-  timeout 300 python3 -m experiments.bench_kernels --seq_lens=4096,16384,65536 --out="$OUT/bench_kernels.json" \
+  timeout 270 python3 -m experiments.bench_kernels --seq_lens=4096,16384,65536 --out="$OUT/bench_kernels.json" \
     2>&1 | quiet | tee "$OUT/bench_kernels.log"
 fi
