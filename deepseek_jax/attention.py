@@ -42,7 +42,7 @@ def dense_mha(q_nope, q_rope, c_kv, k_rope, kv_b, *, scale, nope_dim):
     return jnp.einsum("BHTS,BSHV->BTHV", p.astype(dtype), v, preferred_element_type=jnp.float32).astype(dtype)
 
 
-def sparse_mla_absorbed(q_nope, q_rope, c_kv, k_rope, kv_b, indices, *, scale, nope_dim, chunk_size):
+def sparse_mla_absorbed(q_nope, q_rope, c_kv, k_rope, kv_b, indices, *, scale, nope_dim, chunk_size, impl="auto"):
     """Absorbed-mode attention over the selected rows; -> [B, T, H, V]."""
     dtype = q_nope.dtype
     kv_b = kv_b.astype(dtype)
@@ -50,7 +50,7 @@ def sparse_mla_absorbed(q_nope, q_rope, c_kv, k_rope, kv_b, indices, *, scale, n
     q_abs = jnp.einsum("BTHN,CHN->BTHC", q_nope, w_uk, preferred_element_type=jnp.float32).astype(dtype)
     q = jnp.concatenate([q_abs, q_rope.astype(dtype)], axis=-1)
     kv = jnp.concatenate([c_kv, k_rope.astype(dtype)], axis=-1)
-    o_latent = ops.sparse_mla(q, kv, indices, scale=scale, v_dim=c_kv.shape[-1], chunk_size=chunk_size)
+    o_latent = ops.sparse_mla(q, kv, indices, scale=scale, v_dim=c_kv.shape[-1], chunk_size=chunk_size, impl=impl)
     return jnp.einsum("BTHC,CHV->BTHV", o_latent, w_uv, preferred_element_type=jnp.float32).astype(dtype)
 
 
@@ -64,5 +64,5 @@ def mla_attention(q_nope, q_rope, c_kv, k_rope, kv_b, index_inputs, *, cfg, mode
     indices = ops.indexer_topk(index_q, index_k, index_w, k_scale=index_k_scale, topk=cfg.index_topk,
                                chunk_size=cfg.attention_chunk_size)
     out = sparse_mla_absorbed(q_nope, q_rope, c_kv, k_rope, kv_b, indices, scale=scale, nope_dim=nope,
-                              chunk_size=cfg.attention_chunk_size)
+                              chunk_size=cfg.attention_chunk_size, impl=cfg.attention_impl)
     return out, indices

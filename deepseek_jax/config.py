@@ -84,6 +84,8 @@ class ModelConfig:
     weight_fp8: bool = False
     # Memory knob, not math: queries scored/attended per chunk on the sparse path
     attention_chunk_size: int = 256
+    # DSA kernels (pallas_kernels.ops): "auto" (Pallas on GPU, reference elsewhere), "reference", "pallas"
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         self.validate()
@@ -176,6 +178,8 @@ class ModelConfig:
         if self.index_fp8 and self.index_head_dim != 128:
             fail("index_head_dim", "128 when index_fp8 (one e4m3 scale per token and head)",
                  self.index_head_dim)
+        if self.attention_impl not in ("auto", "reference", "pallas"):
+            fail("attention_impl", "'auto', 'reference' or 'pallas'", self.attention_impl)
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 fail(name, f"one of {_DTYPES}", getattr(self, name))
@@ -250,7 +254,7 @@ class ModelConfig:
         }
         for f in dataclasses.fields(self):
             if f.name.startswith("rope_") or f.name in ("dtype", "param_dtype", "attention_chunk_size", "index_fp8",
-                                                          "weight_fp8"):
+                                                          "weight_fp8", "attention_impl"):
                 continue
             hf[f.name] = getattr(self, f.name)
         hf["num_key_value_heads"] = self.num_attention_heads

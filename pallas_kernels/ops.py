@@ -1,8 +1,8 @@
 """Public DSA entry points: `indexer_topk` and `sparse_mla` (their names and shapes are a contract).
 
 `impl="reference"` is the pure-JAX reference; `impl="pallas"` the Pallas kernel (the Triton
-lowering; `interpret=True` runs it anywhere, for tests); `impl="auto"` picks the kernel on GPU
-and the reference elsewhere. Built so far: the sparse MLA forward and backward kernels (a
+lowering; interpreted on CPU or with `interpret=True`, for tests); `impl="auto"` picks the
+kernel on GPU and the reference elsewhere. Built so far: the sparse MLA forward and backward kernels (a
 `jax.custom_vjp`). The indexer has no kernel yet, so
 `indexer_topk(impl="pallas")` is refused with a clear error rather than silently falling back.
 """
@@ -60,7 +60,8 @@ def sparse_mla(q, kv, indices, *, scale, v_dim=512, impl="auto", interpret=False
     if q.shape[-1] != kv.shape[-1] or q.shape[:2] != indices.shape[:2] or v_dim > kv.shape[-1]:
         raise ValueError(f"sparse_mla: shapes disagree: q {q.shape}, kv {kv.shape}, indices {indices.shape}, v_dim {v_dim}")
     if _use_kernel(impl, interpret):
-        return _sparse_mla_kernel(q, kv, indices, scale, v_dim, interpret)
+        # Pallas kernels compile only for accelerators; on CPU the kernel runs interpreted.
+        return _sparse_mla_kernel(q, kv, indices, scale, v_dim, interpret or jax.default_backend() == "cpu")
     return sparse_mla_reference(q, kv, indices, scale=scale, v_dim=v_dim, chunk_size=chunk_size)
 
 

@@ -124,6 +124,17 @@ def test_sparse_equals_dense_when_t_le_topk(tiny):
     np.testing.assert_allclose(sparse, dense, rtol=1e-5, atol=1e-5)
 
 
+def test_model_with_the_sparse_mla_kernel(tiny):
+    """attention_impl="pallas" (the kernel, interpreted on CPU) gives the reference's logits and gradients."""
+    cfg, params, tokens = tiny
+    kernel_cfg = cfg.replace(attention_impl="pallas")
+    loss = lambda c: jax.jit(jax.value_and_grad(lambda p: jnp.sum(forward(p, tokens, c, attention="sparse") ** 2)))
+    (ref_loss, ref_grad), (k_loss, k_grad) = loss(cfg.replace(attention_impl="reference"))(params), loss(kernel_cfg)(params)
+    np.testing.assert_allclose(k_loss, ref_loss, rtol=1e-5)
+    for g, r in zip(jax.tree.leaves(k_grad), jax.tree.leaves(ref_grad)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
 def test_auto_mode_switches_at_index_topk(tiny):
     cfg, params, tokens = tiny
     for t in (cfg.index_topk, cfg.index_topk + 1):

@@ -85,6 +85,7 @@ def test_from_hf_config_reads_files(tmp_path):
     (dict(rope_type="linear"), "rope_type"),
     (dict(index_fp8=True), "index_head_dim"),
     (dict(tie_word_embeddings=True), "tie_word_embeddings"),
+    (dict(attention_impl="cuda"), "attention_impl"),
 ])
 def test_bad_config_names_the_field(changes, field):
     with pytest.raises(ValueError, match=rf"ModelConfig\.{field}: expected .*, got"):
