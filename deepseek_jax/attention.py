@@ -62,7 +62,7 @@ def mla_attention(q_nope, q_rope, c_kv, k_rope, kv_b, index_inputs, *, cfg, mode
         return dense_mha(q_nope, q_rope, c_kv, k_rope, kv_b, scale=scale, nope_dim=nope), None
     index_q, index_k, index_w, index_k_scale = index_inputs
     indices = ops.indexer_topk(index_q, index_k, index_w, k_scale=index_k_scale, topk=cfg.index_topk,
-                               chunk_size=cfg.attention_chunk_size)
+                               chunk_size=cfg.attention_chunk_size, impl=cfg.attention_impl)
     out = sparse_mla_absorbed(q_nope, q_rope, c_kv, k_rope, kv_b, indices, scale=scale, nope_dim=nope,
                               chunk_size=cfg.attention_chunk_size, impl=cfg.attention_impl)
     return out, indices

@@ -2,15 +2,17 @@
 
 `impl="reference"` is the pure-JAX reference; `impl="pallas"` the Pallas kernel (the Triton
 lowering; interpreted on CPU or with `interpret=True`, for tests); `impl="auto"` picks the
-kernel on GPU and the reference elsewhere. Built so far: the sparse MLA forward and backward kernels (a
-`jax.custom_vjp`). The indexer has no kernel yet, so
-`indexer_topk(impl="pallas")` is refused with a clear error rather than silently falling back.
+kernel on GPU and the reference elsewhere. Kernels: sparse MLA forward and backward (a `jax.custom_vjp`);
+indexer scores (top-k per query chunk by `lax.top_k`). Not yet: decode-specialised variants,
+FP8 inputs to the indexer kernel, TPU (Mosaic) variants.
 """
 
 import functools
 
 import jax
+import jax.numpy as jnp
 
+from pallas_kernels.indexer import triton as indexer_triton
 from pallas_kernels.indexer.reference import indexer_topk_reference
 from pallas_kernels.sparse_mla import triton as sparse_mla_triton
 from pallas_kernels.sparse_mla.reference import sparse_mla_reference
@@ -37,13 +39,15 @@ def indexer_topk(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, impl="a
     -1 marks slots with no valid key. Ties: lowest index first.
     """
     _check_impl(impl)
-    if impl == "pallas":
-        raise ValueError("indexer_topk(impl='pallas'): no Pallas indexer kernel is built yet; use 'auto' or 'reference'")
-    del interpret
     if q.ndim != 4 or k.ndim != 3 or w.ndim != 3:
         raise ValueError(f"indexer_topk: expected q [B,T,H,D], k [B,S,D], w [B,T,H]; got {q.shape}, {k.shape}, {w.shape}")
     if q.shape[-1] != k.shape[-1] or q.shape[:3] != w.shape or q.shape[0] != k.shape[0]:
         raise ValueError(f"indexer_topk: shapes disagree: q {q.shape}, k {k.shape}, w {w.shape}")
+    # Indices carry no gradient; stopping it here keeps autodiff out of the kernel.
+    q, k, w = jax.lax.stop_gradient((q, k, w))
+    if _use_kernel(impl, interpret) and q.dtype != jnp.float8_e4m3fn:
+        return indexer_triton.indexer_topk_triton(q, k, w, topk=topk, k_scale=k_scale, q_offset=q_offset, k_len=k_len,
+                                                  interpret=interpret or jax.default_backend() == "cpu")
     return indexer_topk_reference(q, k, w, topk=topk, k_scale=k_scale, q_offset=q_offset, k_len=k_len,
                                   chunk_size=chunk_size, key_block=key_block)
 

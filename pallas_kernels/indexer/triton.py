@@ -1,0 +1,89 @@
+"""Lightning-indexer scores as a Pallas kernel with the Triton lowering (GPU), top-k by chunks.
+
+The kernel computes, for a block of `block_t` queries against a block of `block_s` keys,
+I[t, s] = k_scale[s] · Σ_h w[t, h] · relu(q[t, h] · k[s]) in float32 (one [block_t·H, D] x
+[D, block_s] matmul, ReLU, a weighted head sum), writing -inf outside s <= t + q_offset and
+s < k_len. `indexer_topk_triton` runs it over chunks of `chunk_size` queries and keeps each
+chunk's `lax.top_k` (lowest index first on ties, as the reference), so memory is
+O(chunk_size · S), never [T, S]. Reference: `pallas_kernels/indexer/reference.py`.
+
+Shapes: B batch, T queries, S keys, H heads, D head dim, K = topk.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.chunking import map_query_chunks
+
+
+def _next_pow2(n, minimum=16):
+    return max(minimum, 1 << (int(n) - 1).bit_length())
+
+
+def _scores_kernel(pos_ref, q_ref, w_ref, k_ref, ks_ref, klen_ref, o_ref, *, block_s, q_offset):
+    block_t, heads, dim = q_ref.shape
+    q = q_ref[...].reshape(block_t * heads, dim)
+    k = k_ref[...]                                                    # [block_s, D]
+    logits = jnp.maximum(jnp.dot(q, k.T, preferred_element_type=jnp.float32), 0.0)
+    w = w_ref[...].reshape(block_t * heads, 1)
+    scores = jnp.sum((logits * w).reshape(block_t, heads, block_s), axis=1) * ks_ref[...][None, :]
+    keys = pl.program_id(2) * block_s + jnp.arange(block_s, dtype=jnp.int32)
+    limit = jnp.minimum(pos_ref[...] + q_offset + 1, klen_ref[0])    # [block_t]
+    o_ref[...] = jnp.where(keys[None, :] < limit[:, None], scores, -jnp.inf)
+
+
+def indexer_scores_triton(q, k, w, k_scale, k_len, positions, *, q_offset=0, block_t=4, block_s=64,
+                          num_warps=8, num_stages=2, interpret=False):
+    """Scores [B, Tc, S] (float32, -inf where masked) of queries at `positions` [Tc]."""
+    b, tc, h, d = q.shape
+    s = k.shape[1]
+    hp, dp = _next_pow2(h), _next_pow2(d)
+    tp, sp = -(-tc // block_t) * block_t, -(-s // block_s) * block_s
+    q = jnp.pad(q, ((0, 0), (0, tp - tc), (0, hp - h), (0, dp - d)))
+    w = jnp.pad(w.astype(jnp.float32), ((0, 0), (0, tp - tc), (0, hp - h)))
+    k = jnp.pad(k, ((0, 0), (0, sp - s), (0, dp - d)))
+    k_scale = jnp.pad(k_scale.astype(jnp.float32), ((0, 0), (0, sp - s)))
+    positions = jnp.pad(positions.astype(jnp.int32), (0, tp - tc), constant_values=-1 - q_offset)
+    kernel = functools.partial(_scores_kernel, block_s=block_s, q_offset=q_offset)
+    out = pl.pallas_call(
+        kernel,
+        grid=(b, tp // block_t, sp // block_s),
+        in_specs=[
+            pl.BlockSpec((block_t,), lambda i, j, l: (j,)),
+            pl.BlockSpec((None, block_t, hp, dp), lambda i, j, l: (i, j, 0, 0)),
+            pl.BlockSpec((None, block_t, hp), lambda i, j, l: (i, j, 0)),
+            pl.BlockSpec((None, block_s, dp), lambda i, j, l: (i, l, 0)),
+            pl.BlockSpec((None, block_s), lambda i, j, l: (i, l)),
+            pl.BlockSpec((1,), lambda i, j, l: (i,)),
+        ],
+        out_specs=pl.BlockSpec((None, block_t, block_s), lambda i, j, l: (i, j, l)),
+        out_shape=jax.ShapeDtypeStruct((b, tp, sp), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="indexer_scores",
+    )(positions, q, w, k, k_scale, k_len.astype(jnp.int32))
+    return out[:, :tc, :s]
+
+
+def indexer_topk_triton(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, chunk_size=512, interpret=False,
+                        **tiles):
+    """Same contract as `indexer_topk_reference`: int32 [B, T, topk], -1 for empty slots."""
+    b, s = k.shape[0], k.shape[1]
+    kk = min(topk, s)
+    k_len = jnp.full((b,), s, jnp.int32) if k_len is None else jnp.minimum(jnp.asarray(k_len, jnp.int32), s)
+    k_scale = jnp.ones((b, s), jnp.float32) if k_scale is None else k_scale
+
+    def chunk(positions, q_c, w_c):
+        scores = indexer_scores_triton(q_c, k, w_c, k_scale, k_len, positions, q_offset=q_offset,
+                                       interpret=interpret, **tiles)
+        vals, idx = jax.lax.top_k(scores, kk)
+        return jnp.where(vals > -jnp.inf, idx, -1).astype(jnp.int32)
+
+    idx = map_query_chunks(chunk, chunk_size, q, w)
+    if kk < topk:
+        idx = jnp.pad(idx, [(0, 0), (0, 0), (0, topk - kk)], constant_values=-1)
+    return idx
