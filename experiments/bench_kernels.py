@@ -8,6 +8,10 @@ sparse_mla forward (V3.2 shapes: H=128 heads, Dqk=576, Dv=512, k=2048, one KV ro
   - the XLA reference (`pallas_kernels/sparse_mla/reference.py`) up to --max_reference_len;
   - dense causal attention in MHA mode (what V3.1 prefill ran): `jax.nn.dot_product_attention`
     (cuDNN on GPU), q/k 192-d, v 128-d padded to 192 (cuDNN wants equal dims; FLOPs count 128).
+indexer_topk (V3.2: 64 heads x 128, bf16 q/k, fp32 head weights): the scores kernel with a
+chunked `lax.top_k`, each --index_configs tile at --sweep_len then the best at every length,
+against the XLA reference up to --max_reference_len; FLOPs = 2·(causal pairs)·H_I·D_I (the QK
+matmul only, as DeepGEMM counts), and a row "indexer + sparse_mla" summing both kernels.
 sparse_mla backward (dq, dkv with atomic adds), each --bwd_configs tile config at --bwd_len,
 against `jax.vjp` of the XLA reference; backward FLOPs = 2·T·k·H·(3·Dqk + 2·Dv).
 Counting follows FlashMLA: sparse FLOPs = 2·T·k·H·(Dqk + Dv) (unused slots included), bytes =
@@ -26,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from pallas_kernels.indexer.reference import indexer_topk_reference
+from pallas_kernels.indexer.triton import indexer_topk_triton
 from pallas_kernels.sparse_mla.reference import sparse_mla_reference
 from pallas_kernels.sparse_mla.triton import sparse_mla_bwd, sparse_mla_fwd
 
@@ -49,6 +55,10 @@ _BWD_CONFIGS = flags.DEFINE_list("bwd_configs", ["16:32:4:2", "32:32:4:2", "32:3
 _BWD_LEN = flags.DEFINE_integer("bwd_len", 16384, "length at which the backward kernel is timed")
 _MAX_REF_BWD = flags.DEFINE_integer("max_reference_bwd_len", 4096,
                                     "longest T for the reference VJP (it holds T·k gathered rows: 118 GiB at 16K)")
+_INDEX_HEADS = flags.DEFINE_integer("index_heads", 64, "indexer heads")
+_INDEX_DIM = flags.DEFINE_integer("index_dim", 128, "indexer head dim")
+_INDEX_CONFIGS = flags.DEFINE_list("index_configs", ["4:64:8:2", "8:64:8:2", "4:128:8:2"],
+                                   "indexer tiles block_t:block_s:num_warps:num_stages, ...")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "run the kernel in Pallas interpret mode (CPU smoke runs)")
 
 
@@ -90,6 +100,55 @@ def _row(name, t, seconds, flops, nbytes):
                roofline=max(tflops / _PEAK_TFLOPS.value, gbs / _PEAK_GBS.value))
     print(f"{name:34s} {t:>7d} {row['ms']:>10.2f} {tflops:>8.1f} {gbs:>8.0f} {row['roofline']:>8.2f}", flush=True)
     return row
+
+
+def _indexer(sparse_seconds):
+    """Times the indexer kernel + chunked top-k (and the reference), plus indexer + sparse_mla."""
+    h, d, k = _INDEX_HEADS.value, _INDEX_DIM.value, _TOPK.value
+    rows = []
+
+    def inputs(t):
+        kq, kk, kw = jax.random.split(jax.random.PRNGKey(11 + t), 3)
+        return (jax.random.normal(kq, (1, t, h, d), jnp.bfloat16), jax.random.normal(kk, (1, t, d), jnp.bfloat16),
+                jax.random.normal(kw, (1, t, h), jnp.float32))
+
+    def kernel_fn(cfg):
+        bt, bs, w, s = map(int, cfg.split(":"))
+        return jax.jit(lambda q, kk, ww: indexer_topk_triton(q, kk, ww, topk=k, block_t=bt, block_s=bs, num_warps=w,
+                                                              num_stages=s, interpret=_INTERPRET.value))
+
+    flops = lambda t: 2 * (t * (t + 1) // 2) * h * d
+    nbytes = lambda t: t * h * d * 2 + t * d * 2 + t * k * 4
+    q, kk, ww = inputs(1024)
+    want = indexer_topk_reference(q, kk, ww, topk=k)
+    for cfg in _INDEX_CONFIGS.value:
+        try:
+            agree = float(jnp.mean(kernel_fn(cfg)(q, kk, ww) == want))
+            print(f"indexer [{cfg}] agreement with the reference's indices at T=1024: {agree:.4f}", flush=True)
+        except Exception as e:
+            print(f"indexer config {cfg}: failed ({type(e).__name__}: {str(e)[:200]})", flush=True)
+    q, kk, ww = inputs(_SWEEP_LEN.value)
+    sweep = {}
+    for cfg in _INDEX_CONFIGS.value:
+        try:
+            sweep[cfg] = _time(kernel_fn(cfg), q, kk, ww)
+        except Exception:
+            continue
+        rows.append(_row(f"indexer_topk pallas [{cfg}]", _SWEEP_LEN.value, sweep[cfg], flops(_SWEEP_LEN.value),
+                         nbytes(_SWEEP_LEN.value)))
+    if not sweep:
+        return rows
+    best = min(sweep, key=sweep.get)
+    reference = jax.jit(lambda q, kk, ww: indexer_topk_reference(q, kk, ww, topk=k))
+    for t in (int(x) for x in _SEQ_LENS.value):
+        q, kk, ww = inputs(t)
+        seconds = _time(kernel_fn(best), q, kk, ww)
+        rows.append(_row(f"indexer_topk pallas [{best}]", t, seconds, flops(t), nbytes(t)))
+        if t <= _MAX_REF.value:
+            rows.append(_row("indexer_topk xla reference", t, _time(reference, q, kk, ww), flops(t), nbytes(t)))
+        if t in sparse_seconds:
+            rows.append(_row("indexer + sparse_mla (pallas)", t, seconds + sparse_seconds[t], flops(t), nbytes(t)))
+    return rows
 
 
 def _backward(scale, v):
@@ -174,10 +233,13 @@ def main(argv):
     reference = jax.jit(lambda q, kv, idx: sparse_mla_reference(q, kv, idx, scale=scale, v_dim=v))
     dense = jax.jit(lambda q, k, vv: jax.nn.dot_product_attention(q, k, vv, is_causal=True,
                                                                   implementation="cudnn" if jax.default_backend() == "gpu" else None))
+    best_fwd_ms = {}
     for t in (int(x) for x in _SEQ_LENS.value):
         q, kv, idx = _inputs(t, jax.random.PRNGKey(t))
         flops, nbytes = _sparse_costs(t, idx)
-        rows.append(_row(f"sparse_mla pallas [{best}]", t, _time(kernel, q, kv, idx), flops, nbytes))
+        seconds = _time(kernel, q, kv, idx)
+        best_fwd_ms[t] = seconds
+        rows.append(_row(f"sparse_mla pallas [{best}]", t, seconds, flops, nbytes))
         if t <= _MAX_REF.value:
             rows.append(_row("sparse_mla xla reference", t, _time(reference, q, kv, idx), flops, nbytes))
         del q, kv, idx
@@ -187,6 +249,7 @@ def main(argv):
         dense_bytes = 4 * t * h * 192 * 2
         rows.append(_row("dense causal MHA (cuDNN, 192/128)", t, _time(dense, qd, qd, qd), dense_flops, dense_bytes))
         del qd
+    rows += _indexer(best_fwd_ms)
     rows += _backward(scale, v)
     with open(_OUT.value, "w") as f:
         json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, best_config=best, check=check,
