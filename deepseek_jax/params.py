@@ -55,3 +55,11 @@ def param_mismatches(params, target, *, check_dtype: bool = False) -> list[str]:
                 else f"{tuple(w.shape)}, got {tuple(g.shape)}"
             problems.append(f"{'shape/dtype' if check_dtype else 'shape'}: {k}: expected {what}")
     return problems
+
+
+def check_params(params, target, *, what: str, check_dtype: bool = False) -> None:
+    """Raises one ValueError listing every `param_mismatches` problem, prefixed by `what`."""
+    problems = param_mismatches(params, target, check_dtype=check_dtype)
+    if problems:
+        raise ValueError(f"{what}: params do not match the config ({len(problems)} problems):\n  "
+                         + "\n  ".join(problems))

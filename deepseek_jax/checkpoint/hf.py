@@ -30,7 +30,7 @@ import tqdm
 from deepseek_jax.fp8 import dequantize_weight_blocks, quantize_weight_blocks
 from deepseek_jax.checkpoint.safetensors_io import TensorInfo, read_header, read_tensor, write_file
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.params import abstract_params, param_mismatches, param_shardings
+from deepseek_jax.params import abstract_params, check_params, param_shardings
 
 _MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
 _FLOAT_DTYPES = ("F32", "BF16", "F16", "F8_E4M3")
@@ -320,10 +320,7 @@ def save_hf(path, cfg: ModelConfig, params, *, fp8: bool = False, max_shard_byte
     """
     params = nn.meta.unbox(params)
     shapes = abstract_params(cfg)
-    problems = param_mismatches(params, shapes)
-    if problems:
-        raise ValueError(f"save_hf: params do not match the config ({len(problems)} problems):\n  "
-                         + "\n  ".join(problems))
+    check_params(params, shapes, what="save_hf")
 
     def leaf(path, index):
         return np.asarray(_get(params, path)[index] if index else _get(params, path))

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.params import LogicalRules, abstract_params, param_mismatches
+from deepseek_jax.params import LogicalRules, abstract_params, check_params
 
 class CheckpointManager:
     """Periodic, asynchronous, atomic checkpoints of one training run in `directory`."""
@@ -136,10 +136,7 @@ def export_inference(directory, cfg: ModelConfig, params) -> None:
     cfg = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
     params = nn.meta.unbox(params)
     expected = abstract_params(cfg)
-    problems = param_mismatches(params, expected)
-    if problems:
-        raise ValueError(f"export_inference: params do not match the config ({len(problems)} problems):\n  "
-                         + "\n  ".join(problems))
+    check_params(params, expected, what="export_inference")
     params = jax.tree.map(lambda x, s: jnp.asarray(x).astype(s.dtype), params, expected)
     os.makedirs(directory, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
@@ -166,9 +163,6 @@ def load_inference(directory, *, mesh: jax.sharding.Mesh | None = None,
     target = abstract_params(cfg, mesh, rules)
     with ocp.StandardCheckpointer() as checkpointer:
         stored = checkpointer.metadata(os.path.join(directory, "params")).item_metadata.tree
-        problems = param_mismatches(stored, target, check_dtype=True)
-        if problems:
-            raise ValueError(f"load_inference: {directory} does not match its model_config.json "
-                             f"({len(problems)} problems):\n  " + "\n  ".join(problems))
+        check_params(stored, target, what=f"load_inference: {directory}", check_dtype=True)
         params = checkpointer.restore(os.path.join(directory, "params"), target)
     return cfg, params

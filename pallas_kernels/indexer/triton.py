@@ -22,10 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.chunking import map_query_chunks
-
-
-def _next_pow2(n, minimum=16):
-    return max(minimum, 1 << (int(n) - 1).bit_length())
+from pallas_kernels.tiles import next_pow2
 
 
 def _scores_kernel(pos_ref, q_ref, w_ref, k_ref, ks_ref, klen_ref, o_ref, *, block_s, q_offset):
@@ -45,7 +42,7 @@ def indexer_scores_triton(q, k, w, k_scale, k_len, positions, *, q_offset=0, blo
     """Scores [B, Tc, S] (float32, -inf where masked) of queries at `positions` [Tc]."""
     b, tc, h, d = q.shape
     s = k.shape[1]
-    hp, dp = _next_pow2(h), _next_pow2(d)
+    hp, dp = next_pow2(h), next_pow2(d)
     tp, sp = -(-tc // block_t) * block_t, -(-s // block_s) * block_s
     q = jnp.pad(q, ((0, 0), (0, tp - tc), (0, hp - h), (0, dp - d)))
     w = jnp.pad(w.astype(jnp.float32), ((0, 0), (0, tp - tc), (0, hp - h)))

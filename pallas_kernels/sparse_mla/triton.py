@@ -30,9 +30,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-
-def _next_pow2(n, minimum=16):
-    return max(minimum, 1 << (int(n) - 1).bit_length())
+from pallas_kernels.tiles import next_pow2
 
 
 def _kernel(idx_ref, qn_ref, qr_ref, kvn_ref, kvr_ref, o_ref, lse_ref, *, scale, block_k, num_k_blocks):
@@ -68,8 +66,8 @@ def _layout(q, kv, indices, v_dim, block_h, block_k):
     b, t, h, d = q.shape
     s, k = kv.shape[1], indices.shape[-1]
     r = d - v_dim
-    vp, rp = _next_pow2(v_dim), _next_pow2(r)
-    block_h = min(block_h, _next_pow2(h))
+    vp, rp = next_pow2(v_dim), next_pow2(r)
+    block_h = min(block_h, next_pow2(h))
     hp = -(-h // block_h) * block_h
     kp = -(-k // block_k) * block_k
 
