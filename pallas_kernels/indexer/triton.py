@@ -8,8 +8,9 @@ chunk's `lax.top_k` (lowest index first on ties, as the reference), so memory is
 O(chunk_size · S), never [T, S]. Reference: `pallas_kernels/indexer/reference.py`.
 
 Measured on an H200 (V3.2: 64 heads x 128, k=2048, bf16): 3.1 / 47 / 697 ms at T = 4K / 16K /
-64K, 4.7x / 3.1x faster than the XLA reference up to 16K, but far from the 60 ms target at 64K:
-it scores fully masked future blocks too and leaves top-k to XLA (see the issue notes).
+64K, 4.7x / 3.1x faster than the XLA reference up to 16K, but far from the 60 ms target at 64K
+(top-k is left to XLA). Those runs scored fully masked future blocks too; blocks past every
+query's last key now skip the matmul (not yet timed on a GPU).
 
 Shapes: B batch, T queries, S keys, H heads, D head dim, K = topk.
 """
@@ -27,14 +28,21 @@ from pallas_kernels.tiles import next_pow2
 
 def _scores_kernel(pos_ref, q_ref, w_ref, k_ref, ks_ref, klen_ref, o_ref, *, block_s, q_offset):
     block_t, heads, dim = q_ref.shape
-    q = q_ref[...].reshape(block_t * heads, dim)
-    k = k_ref[...]                                                    # [block_s, D]
-    logits = jnp.maximum(jnp.dot(q, k.T, preferred_element_type=jnp.float32), 0.0)
-    w = w_ref[...].reshape(block_t * heads, 1)
-    scores = jnp.sum((logits * w).reshape(block_t, heads, block_s), axis=1) * ks_ref[...][None, :]
     keys = pl.program_id(2) * block_s + jnp.arange(block_s, dtype=jnp.int32)
     limit = jnp.minimum(pos_ref[...] + q_offset + 1, klen_ref[0])    # [block_t]
-    o_ref[...] = jnp.where(keys[None, :] < limit[:, None], scores, -jnp.inf)
+    visible = pl.program_id(2) * block_s < jnp.max(limit)
+
+    @pl.when(visible)
+    def _():
+        q = q_ref[...].reshape(block_t * heads, dim)
+        logits = jnp.maximum(jnp.dot(q, k_ref[...].T, preferred_element_type=jnp.float32), 0.0)
+        w = w_ref[...].reshape(block_t * heads, 1)
+        scores = jnp.sum((logits * w).reshape(block_t, heads, block_s), axis=1) * ks_ref[...][None, :]
+        o_ref[...] = jnp.where(keys[None, :] < limit[:, None], scores, -jnp.inf)
+
+    @pl.when(jnp.logical_not(visible))  # a block wholly after every query's last key: no matmul
+    def _():
+        o_ref[...] = jnp.full((block_t, block_s), -jnp.inf, jnp.float32)
 
 
 def indexer_scores_triton(q, k, w, k_scale, k_len, positions, *, q_offset=0, block_t=4, block_s=128,
