@@ -2,9 +2,9 @@
 
 `impl="reference"` is the pure-JAX reference; `impl="pallas"` the Pallas kernel (the Triton
 lowering; interpreted on CPU or with `interpret=True`, for tests); `impl="auto"` picks the
-kernel on GPU and the reference elsewhere. Kernels: sparse MLA forward and backward (a `jax.custom_vjp`);
-indexer scores (top-k per query chunk by `lax.top_k`). Not yet: decode-specialised variants,
-FP8 inputs to the indexer kernel, TPU (Mosaic) variants.
+kernel on GPU and the reference elsewhere. Kernels: sparse MLA forward and backward (a
+`jax.custom_vjp`); indexer scores (top-k per query chunk by `lax.top_k`). Not yet:
+decode-specialised variants, FP8 inputs to the indexer kernel, TPU (Mosaic) variants.
 """
 
 import functools
