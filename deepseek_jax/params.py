@@ -5,6 +5,7 @@ axis names with mesh axis names (or None); axes without a rule are replicated, r
 replicates everything, mesh=None places everything on the first local device.
 """
 
+import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -17,8 +18,13 @@ from deepseek_jax.model import Transformer
 LogicalRules = Sequence[tuple[str, str | None]]
 
 
+@functools.lru_cache(maxsize=8)
 def boxed_abstract_params(cfg: ModelConfig):
-    """ShapeDtypeStruct params still in their `nn.LogicallyPartitioned` boxes."""
+    """ShapeDtypeStruct params still in their `nn.LogicallyPartitioned` boxes.
+
+    Cached per config: tracing `init` of the 671B model takes seconds, and loaders ask for
+    shapes and shardings several times. Callers must not mutate the returned tree.
+    """
     init = lambda: Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
     return jax.eval_shape(init)
 

@@ -30,6 +30,7 @@ import tqdm
 from deepseek_jax.fp8 import dequantize_weight_blocks, quantize_weight_blocks
 from deepseek_jax.checkpoint.safetensors_io import TensorInfo, read_header, read_tensor, write_file
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.layers.linear import scale_shape
 from deepseek_jax.params import abstract_params, check_params, param_shardings
 
 _MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
@@ -120,10 +121,6 @@ def _hf_shape(entry: Entry, leaf_shape) -> tuple[int, ...]:
     return (prod(shape[entry.n_in:]), prod(shape[:entry.n_in]))
 
 
-def _scale_shape(shape, block=128):
-    return tuple(-(-d // block) for d in shape)
-
-
 # ------------------------------------------------------------------------------------ loading
 def _tensor_index(path: str) -> dict[str, TensorInfo]:
     """name -> TensorInfo over the checkpoint's files (the index, or every *.safetensors)."""
@@ -194,8 +191,8 @@ def check_checkpoint(cfg: ModelConfig, infos: dict[str, TensorInfo], shapes) -> 
                 problems.append(f"dtype: {name}: FP8 is only supported for linear weights")
             elif scale is None:
                 problems.append(f"missing: {name}_scale_inv (the FP8 block scales of {name})")
-            elif scale.shape != _scale_shape(want) or scale.dtype != "F32":
-                problems.append(f"shape: {name}_scale_inv: expected F32 {_scale_shape(want)}, "
+            elif scale.shape != scale_shape(want, n_in=1) or scale.dtype != "F32":
+                problems.append(f"shape: {name}_scale_inv: expected F32 {scale_shape(want, n_in=1)}, "
                                 f"got {scale.dtype} {scale.shape}")
     mtp_copies = {n for n in infos if n.endswith(_MTP_COPIES) and n.startswith("model.layers.")}
     problems += [f"unexpected: {n}" for n in sorted(infos.keys() - allowed - mtp_copies)]

@@ -37,12 +37,18 @@ CASES = [
 ]
 
 
+def run_forward(seed, case, dtype):
+    """(q, kv, idx, v_dim, out, lse) of the forward kernel on a random case, scale 0.2."""
+    q, kv, idx = random_case(seed, *case, dtype)
+    v = case[4]
+    out, lse = sparse_mla_fwd(q, kv, idx, scale=0.2, v_dim=v, block_h=16, block_k=16, interpret=True)
+    return q, kv, idx, v, out, lse
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_forward_matches_reference(case, dtype, tol):
-    q, kv, idx = random_case(0, *case, dtype)
-    v = case[4]
-    out, lse = sparse_mla_fwd(q, kv, idx, scale=0.2, v_dim=v, block_h=16, block_k=16, interpret=True)
+    q, kv, idx, v, out, lse = run_forward(0, case, dtype)
     ref = sparse_mla_reference(q.astype(jnp.float32), kv.astype(jnp.float32), idx, scale=0.2, v_dim=v)
     assert out.dtype == dtype and out.shape == ref.shape
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), rtol=tol, atol=tol)
@@ -52,9 +58,7 @@ def test_forward_matches_reference(case, dtype, tol):
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 5e-2)])
 def test_backward_matches_reference_vjp(case, dtype, tol):
-    q, kv, idx = random_case(1, *case, dtype)
-    v = case[4]
-    out, lse = sparse_mla_fwd(q, kv, idx, scale=0.2, v_dim=v, block_h=16, block_k=16, interpret=True)
+    q, kv, idx, v, out, lse = run_forward(1, case, dtype)
     d_out = jnp.asarray(np.random.default_rng(2).normal(size=out.shape), dtype)
     dq, dkv = sparse_mla_bwd(q, kv, idx, out, lse, d_out, scale=0.2, v_dim=v, block_h=16, block_k=16,
                              interpret=True)
