@@ -86,6 +86,10 @@ class ModelConfig:
     attention_chunk_size: int = 256
     # DSA kernels (pallas_kernels.ops): "auto" (Pallas on GPU, reference elsewhere), "reference", "pallas"
     attention_impl: str = "auto"
+    # Expert parallelism only (an "expert" mesh axis > 1): per-shard buffer capacity as a multiple
+    # of the balanced load; copies past it are dropped and counted in aux["dropped_tokens"].
+    # <= 0: capacity for the worst case, never dropping (equals the single-device MoE).
+    moe_capacity_factor: float = 0.0
 
     def __post_init__(self):
         self.validate()
@@ -254,7 +258,7 @@ class ModelConfig:
         }
         for f in dataclasses.fields(self):
             if f.name.startswith("rope_") or f.name in ("dtype", "param_dtype", "attention_chunk_size", "index_fp8",
-                                                          "weight_fp8", "attention_impl"):
+                                                          "weight_fp8", "attention_impl", "moe_capacity_factor"):
                 continue
             hf[f.name] = getattr(self, f.name)
         hf["num_key_value_heads"] = self.num_attention_heads

@@ -57,6 +57,7 @@ class Transformer(nn.Module):
 
         # A zero "perturbation" hook: gradients w.r.t. it are gradients w.r.t. the input embeddings.
         x = self.perturb("embeddings", embed(tokens))
+        x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         aux: dict = {"indices": {}}
         for name, n, moe in (("dense_layers", cfg.first_k_dense_replace, False),
                              ("moe_layers", cfg.num_moe_layers, True)):

@@ -1,7 +1,7 @@
 """Abstract params of `Transformer(cfg)` and their shardings, from the params' logical axes.
 
 No compute and no memory: shapes come from `jax.eval_shape` of `init`. `rules` pair logical
-axis names with mesh axis names (or None); axes without a rule are replicated, rules=None
+axis names with mesh axes (see `sharding.rules`); axes without a rule are replicated, rules=None
 replicates everything, mesh=None places everything on the first local device.
 """
 
@@ -14,8 +14,9 @@ import jax.numpy as jnp
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model import Transformer
+from sharding import rules as rules_lib
 
-LogicalRules = Sequence[tuple[str, str | None]]
+LogicalRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 
 @functools.lru_cache(maxsize=8)
@@ -37,7 +38,7 @@ def param_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None, rul
             raise ValueError("param_shardings: rules given without a mesh")
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         return jax.tree.map(lambda _: device, nn.meta.unbox(boxed))
-    return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, tuple(rules or ()))
+    return rules_lib.logical_shardings(boxed, mesh, tuple(rules or ()))
 
 
 def abstract_params(cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None, rules: LogicalRules | None = None):

@@ -32,4 +32,5 @@ class Block(nn.Module):
             aux.update(moe_aux)
         else:
             ffn_out = MLP(cfg, cfg.intermediate_size, name="mlp")(norm("ffn_norm")(h))
-        return h + ffn_out, aux
+        # The residual stream is the scan carry: pin it to the batch split (a no-op without a mesh).
+        return nn.with_logical_constraint(h + ffn_out, ("batch", "length", "act_embed")), aux

@@ -4,7 +4,8 @@ Routing (float32): s = sigmoid(x·Wg); experts are *selected* on s + b (b =
 `e_score_correction_bias`, the aux-loss-free balancing bias, never a gradient target): group
 score = sum of the top-2 biased scores, keep `topk_group` groups, then the top-k experts.
 The *weights* are the unbiased s of those experts, normalised to sum 1, × routed_scaling_factor.
-Dispatch is dropless: token copies are sorted by expert and run through `jax.lax.ragged_dot`.
+Dispatch (`sharding.moe_parallel.dispatch`) is dropless on one device; with an expert mesh axis
+it is expert-parallel with a fixed capacity whose overflow is counted.
 Also returns per-expert token counts (for the bias update) and the sequence-wise balance
 statistic Σ_i f_i P_i (spec §5), averaged over sequences.
 
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 
 from deepseek_jax.layers.linear import weight
 from deepseek_jax.layers.mlp import MLP
+from sharding import moe_parallel
 
 
 def route(scores, bias, *, n_group, topk_group, top_k, scaling):
@@ -37,28 +39,16 @@ def route(scores, bias, *, n_group, topk_group, top_k, scaling):
     return weights, experts.astype(jnp.int32)
 
 
-def dispatch_experts(x, experts, weights, w_gate, w_up, w_down):
-    """Dropless expert FFN: x [N, D], experts/weights [N, K], w_* [E, ...] -> [N, D]."""
-    n, k = experts.shape
-    e = w_gate.shape[0]
-    dtype = x.dtype
-    flat = experts.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    xs = x[order // k]
-    sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
-    ragged = lambda a, w: jax.lax.ragged_dot(a, w.astype(dtype), sizes, preferred_element_type=jnp.float32)
-    h = (jax.nn.silu(ragged(xs, w_gate)) * ragged(xs, w_up)).astype(dtype)
-    ys = ragged(h, w_down)  # [N·K, D] float32, sorted by expert
-    y = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)
-    return jnp.einsum("NKD,NK->ND", y, weights).astype(dtype)
-
-
 class MoE(nn.Module):
     cfg: Any
 
     @nn.compact
     def __call__(self, x):
-        """x [B, T, D] -> (y [B, T, D], {"expert_load": [E] int32, "balance": scalar f32})."""
+        """x [B, T, D] -> (y [B, T, D], aux).
+
+        aux: "expert_load" [E] int32, "balance" scalar f32, "dropped_tokens" int32 (token copies
+        past the expert-parallel capacity; always 0 on one device or when the capacity factor <= 0).
+        """
         cfg = self.cfg
         b, t, d = x.shape
         e, f, std = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.initializer_range
@@ -80,12 +70,15 @@ class MoE(nn.Module):
         weights, experts = route(scores, jax.lax.stop_gradient(bias), n_group=cfg.n_group,
                                  topk_group=cfg.topk_group, top_k=cfg.num_experts_per_tok,
                                  scaling=cfg.routed_scaling_factor)
-        y = dispatch_experts(tokens, experts, weights, w_gate, w_up, w_down).reshape(b, t, d)
+        y, dropped = moe_parallel.dispatch(tokens, experts, weights, w_gate, w_up, w_down,
+                                           capacity_factor=cfg.moe_capacity_factor)
+        y = y.reshape(b, t, d)
         if cfg.n_shared_experts:
             y = y + MLP(cfg, f * cfg.n_shared_experts, axis="moe_mlp", name="shared")(x)
 
         chosen = jax.nn.one_hot(experts, e, dtype=jnp.float32).sum(1).reshape(b, t, e)
         frac = chosen.mean(1) * (e / cfg.num_experts_per_tok)                     # f_i per sequence
         prob = (scores / jnp.sum(scores, -1, keepdims=True)).reshape(b, t, e).mean(1)  # P_i per sequence
-        aux = {"expert_load": chosen.sum((0, 1)).astype(jnp.int32), "balance": jnp.mean(jnp.sum(frac * prob, -1))}
+        aux = {"expert_load": chosen.sum((0, 1)).astype(jnp.int32), "balance": jnp.mean(jnp.sum(frac * prob, -1)),
+               "dropped_tokens": dropped}
         return y, aux

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from deepseek_jax import ModelConfig
-from deepseek_jax.layers.moe import MoE, dispatch_experts, route
+from deepseek_jax.layers.experts import dispatch_experts
+from deepseek_jax.layers.moe import MoE, route
 
 
 # ----------------------------------------------------------------------------- NumPy oracles

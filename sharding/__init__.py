@@ -1,0 +1,1 @@
+"""Meshes, logical-axis rules and expert-parallel MoE (see sharding/*.py)."""
