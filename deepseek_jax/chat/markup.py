@@ -61,7 +61,7 @@ Here are the functions available in JSONSchema format:
 <functions>
 {{tool_schemas}}
 </functions>
-"""
+"""  # noqa: E501  (the exact lines DeepSeek-V3.2 was trained on)
 
 RESPONSE_FORMAT_TEMPLATE = "## Response Format:\n\nYou MUST strictly adhere to the following schema to reply:\n{schema}"
 
