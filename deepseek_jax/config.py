@@ -17,6 +17,7 @@ from typing import Any
 import jax.numpy as jnp
 
 _DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "dots", "full")
 
 # HF keys we read that have no field of their own, or that must take one value.
 _HF_FIXED = {
@@ -90,6 +91,10 @@ class ModelConfig:
     # of the balanced load; copies past it are dropped and counted in aux["dropped_tokens"].
     # <= 0: capacity for the worst case, never dropping (equals the single-device MoE).
     moe_capacity_factor: float = 0.0
+    # Memory knob, not math: what a block keeps for its backward pass. "none" keeps every
+    # intermediate, "dots" keeps matmul outputs and recomputes the rest, "full" keeps only the
+    # block's input and recomputes the whole block.
+    remat: str = "none"
 
     def __post_init__(self):
         self.validate()
@@ -182,6 +187,8 @@ class ModelConfig:
         if self.index_fp8 and self.index_head_dim != 128:
             fail("index_head_dim", "128 when index_fp8 (one e4m3 scale per token and head)",
                  self.index_head_dim)
+        if self.remat not in REMAT_POLICIES:
+            fail("remat", f"one of {tuple(REMAT_POLICIES)}", self.remat)
         if self.attention_impl not in ("auto", "reference", "pallas"):
             fail("attention_impl", "'auto', 'reference' or 'pallas'", self.attention_impl)
         for name in ("dtype", "param_dtype"):
@@ -258,7 +265,7 @@ class ModelConfig:
         }
         for f in dataclasses.fields(self):
             if f.name.startswith("rope_") or f.name in ("dtype", "param_dtype", "attention_chunk_size", "index_fp8",
-                                                          "weight_fp8", "attention_impl", "moe_capacity_factor"):
+                                                          "weight_fp8", "attention_impl", "moe_capacity_factor", "remat"):
                 continue
             hf[f.name] = getattr(self, f.name)
         hf["num_key_value_heads"] = self.num_attention_heads

@@ -23,8 +23,16 @@ from deepseek_jax.layers.norms import RMSNorm
 from deepseek_jax.layers.rope import rope_cos_sin
 
 
+_REMAT = {"dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+          "full": jax.checkpoint_policies.nothing_saveable}
+
+
 def _stack(cfg, n, moe, mode, return_indices, name):
-    scanned = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+    block = Block
+    if cfg.remat != "none":
+        # Inside a scan the loop already keeps XLA from merging recomputation away (no CSE guard).
+        block = nn.remat(Block, policy=_REMAT[cfg.remat], prevent_cse=False, static_argnums=())
+    scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast), length=n,
                       metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(cfg, moe=moe, attention_mode=mode, return_indices=return_indices, name=name)

@@ -18,8 +18,11 @@ import jax
 AXES = ("data", "fsdp", "expert", "tensor")
 
 
-def parse_mesh_spec(spec: str, n_devices: int) -> dict[str, int]:
-    """'data=2,expert=-1' -> {'data': 2, 'fsdp': 1, 'expert': n_devices // 2, 'tensor': 1}."""
+def parse_mesh_spec(spec: str, n_devices: int | None) -> dict[str, int]:
+    """'data=2,expert=-1' -> {'data': 2, 'fsdp': 1, 'expert': n_devices // 2, 'tensor': 1}.
+
+    n_devices=None (planning a mesh without its devices) takes the spec's own product; -1 then
+    has nothing to fill and is an error."""
     sizes: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, eq, value = part.partition("=")
@@ -38,11 +41,13 @@ def parse_mesh_spec(spec: str, n_devices: int) -> dict[str, int]:
     if len(fill) > 1:
         raise ValueError(f"mesh spec {spec!r}: only one axis may be -1, got {fill}")
     fixed = math.prod(size for size in sizes.values() if size != -1)
+    if fill and n_devices is None:
+        raise ValueError(f"mesh spec {spec!r}: -1 needs a device count; give every axis a size")
     if fill:
         if n_devices % fixed:
             raise ValueError(f"mesh spec {spec!r}: {n_devices} devices do not divide into the fixed axes' {fixed}")
         sizes[fill[0]] = n_devices // fixed
-    elif fixed != n_devices:
+    elif n_devices is not None and fixed != n_devices:
         raise ValueError(f"mesh spec {spec!r} uses {fixed} devices but {n_devices} are available "
                          "(use -1 on one axis to take the rest)")
     return {name: sizes.get(name, 1) for name in AXES}

@@ -5,10 +5,11 @@ names mesh axes. A rule set maps a logical name to a mesh axis, a tuple of mesh 
 (replicated). Presets (mesh axes from `sharding.mesh.AXES`):
 
   dp      : params replicated; the batch split over every non-tensor axis.
-  fsdp    : + every weight split on its model dim ("embed") over "fsdp" (ZeRO-3: XLA gathers a
-            layer's weights just before use and reduce-scatters their gradients).
+  fsdp    : + every weight split over "fsdp" on its model dim ("embed"), or on its latent dim
+            (q_lora / kv_lora) when it has none (ZeRO-3: XLA gathers a layer's weights just
+            before use and reduce-scatters their gradients).
   fsdp_ep : + routed experts split over "expert"; the MoE layer then runs expert-parallel
-            (all-to-all, `sharding.moe_parallel`).
+            (all-to-all, `sharding.moe_parallel`). Other weights split over fsdp × expert.
   tp_ep   : fsdp_ep + tensor parallelism: attention heads, the dense/shared/expert FFN inner
             dims, the indexer heads and the vocabulary split over "tensor".
 
@@ -29,8 +30,11 @@ Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 BATCH = ("data", "fsdp", "expert")
 _ACTIVATIONS: Rules = (("batch", BATCH), ("length", None), ("act_embed", None), ("act_vocab", None))
-_FSDP: Rules = (("embed", "fsdp"),)
-_EP: Rules = (("expert", "expert"),)
+# Attention's up-projections have no model dim; their latent dim takes "fsdp" instead.
+_FSDP: Rules = (("embed", "fsdp"), ("q_lora", "fsdp"), ("kv_lora", "fsdp"))
+# Weights without an expert dim are also split over "expert" (it is a data axis for them), so
+# they do not sit replicated on every expert shard; expert weights use "expert" for E first.
+_EP: Rules = (("expert", "expert"),) + tuple((name, ("fsdp", "expert")) for name, _ in _FSDP)
 _TP: Rules = tuple((name, "tensor") for name in ("heads", "mlp", "moe_mlp", "index_heads", "vocab"))
 
 PRESETS: dict[str, Rules] = {
