@@ -19,7 +19,7 @@ The query axis is "arbitrary" (sequential on a core) and every write-back comple
 next query reads, so rows shared by several queries accumulate exactly; batch rows touch
 disjoint rows of dkv and run "parallel". A query's indices must be distinct (the indexer's
 top-k guarantees it): a row repeated within one query would be read twice and written twice,
-keeping one of the two updates.
+keeping one of the two updates. Indices must lie in [-1, S): a row DMA has no bounds clamp.
 
 TPU-specific layout choices (why):
 - Indices are a per-query SMEM block (pipelined HBM->SMEM by Pallas) rather than one
@@ -38,7 +38,8 @@ TPU-specific layout choices (why):
 - Block shapes: q/out/dq blocks are whole [H, Dqk] / [H, V] slabs of one query (the last two
   dims equal the array's), the log-sum-exp is stored as [B, T, H, 1] for the same reason, and
   the index block is [1, K_padded] of a [B, T, 1, K_padded] array. block_k (default 128) is a
-  multiple of 128 so the [1, block_k] mask slices start on lane-tile boundaries.
+  multiple of 128 so the [1, block_k] mask slices start on lane-tile boundaries; K <= block_k
+  makes one block of K rows rounded up to 8 (no padded rows to loop over).
 
 Expected TPU bottleneck (not measured: no TPU here): the scalar core issues one DMA per selected
 row (three in the backward: KV, dkv in, dkv out), while the MXU work per row is only
@@ -171,6 +172,15 @@ def _interpret_params(interpret):
     return pltpu.InterpretParams() if interpret else False
 
 
+def _block_k(block_k, k):
+    """Rows per gathered block: block_k, or all K (rounded up to 8 rows) when they fit in one block.
+
+    A single block is the whole [1, K_padded] index row, so its mask slice starts at lane 0 and
+    K need not be a multiple of 128; with several blocks, block_k should be a multiple of 128.
+    """
+    return min(block_k, -(-k // 8) * 8)
+
+
 def _layout(kv, indices, v_dim, block_k):
     """(gathered-row array [B, S, W], indices [B, T, 1, K_padded] with -1 padding)."""
     k = indices.shape[-1]
@@ -190,6 +200,7 @@ def sparse_mla_fwd(q, kv, indices, *, scale, v_dim, block_k=128, interpret=False
     """q [B,T,H,D], kv [B,S,D], indices [B,T,K] -> (out [B,T,H,v_dim] in q's dtype, lse [B,T,H] f32)."""
     _check_shapes(kv, v_dim, block_k)
     b, t, h, d = q.shape
+    block_k = _block_k(block_k, indices.shape[-1])
     rows, idx = _layout(kv, indices, v_dim, block_k)
     kernel = functools.partial(_fwd_kernel, scale=scale, v_dim=v_dim, block_k=block_k)
     out, lse = pl.pallas_call(
@@ -284,6 +295,7 @@ def sparse_mla_bwd(q, kv, indices, out, lse, d_out, *, scale, v_dim, block_k=128
     _check_shapes(kv, v_dim, block_k)
     b, t, h, d = q.shape
     s = kv.shape[1]
+    block_k = _block_k(block_k, indices.shape[-1])
     rows, idx = _layout(kv, indices, v_dim, block_k)
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)[..., None]  # Δ = rowsum(dO ⊙ O)
     kernel = functools.partial(_bwd_kernel, scale=scale, v_dim=v_dim, block_k=block_k)

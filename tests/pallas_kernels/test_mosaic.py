@@ -10,6 +10,8 @@ Tolerances as in test_sparse_mla.py: float32 1e-5 (gradients 2e-5); bfloat16 inp
 Indexer: the same indices, or equal scores where summation order flips a near-tie.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,50 +28,55 @@ from tests.pallas_kernels.test_sparse_mla import random_case
 f32 = lambda x: x.astype(jnp.float32)
 
 
-@pytest.mark.parametrize("case", [
-    # (b, t, s, h, v, r, k)
-    (2, 5, 20, 5, 32, 16, 23),  # S < K: -1 past S; K = 23 is 3 blocks of 8, the last partial
-    (1, 3, 40, 16, 16, 16, 12),  # another head count, 2 blocks
-])
+@functools.partial(jax.jit, static_argnames="v_dim")
+def reference_and_vjp(q, kv, idx, d_out, *, v_dim):
+    """Float32 reference output and (dq, dkv) for cotangent d_out; jitted once per shape for both dtypes."""
+    out, vjp = jax.vjp(lambda a, b: sparse_mla_reference(a, b, idx, scale=0.2, v_dim=v_dim), f32(q), f32(kv))
+    return out, vjp(f32(d_out))
+
+
+SMALL_BLOCKS = (2, 3, 20, 5, 32, 16, 23)  # (b, t, s, h, v, r, k): S < K (-1 past S); 3 blocks of 8 rows, the last partial
+ONE_BLOCK = (1, 3, 40, 16, 16, 16, 12)     # another head count; the default block_k: one block of all 12 rows
+
+
+@pytest.mark.parametrize("case, block_k", [(SMALL_BLOCKS, 8), (ONE_BLOCK, 128)])
 @pytest.mark.parametrize("dtype, tol, grad_tol", [(jnp.float32, 1e-5, 2e-5), (jnp.bfloat16, 2e-2, 5e-2)])
-def test_sparse_mla_kernels_match_reference(case, dtype, tol, grad_tol):
+def test_sparse_mla_kernels_match_reference(case, block_k, dtype, tol, grad_tol):
     q, kv, idx = random_case(0, *case, dtype)  # -1 slots among used ones, query 2 selects nothing
     v = case[4]
-    out, lse = sparse_mla_mosaic.sparse_mla_fwd(q, kv, idx, scale=0.2, v_dim=v, block_k=8, interpret=True)
-    ref, vjp = jax.vjp(lambda a, b: sparse_mla_reference(a, b, idx, scale=0.2, v_dim=v), f32(q), f32(kv))
+    out, lse = sparse_mla_mosaic.sparse_mla_fwd(q, kv, idx, scale=0.2, v_dim=v, block_k=block_k, interpret=True)
+    d_out = jnp.asarray(np.random.default_rng(2).normal(size=out.shape), dtype)
+    ref, ref_grads = reference_and_vjp(q, kv, idx, d_out, v_dim=v)
     assert out.dtype == dtype and out.shape == ref.shape
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), rtol=tol, atol=tol)
     assert np.all(np.isneginf(np.asarray(lse)[0, 2])) and np.all(np.asarray(out)[0, 2] == 0)
 
-    d_out = jnp.asarray(np.random.default_rng(2).normal(size=out.shape), dtype)
-    dq, dkv = sparse_mla_mosaic.sparse_mla_bwd(q, kv, idx, out, lse, d_out, scale=0.2, v_dim=v, block_k=8,
+    dq, dkv = sparse_mla_mosaic.sparse_mla_bwd(q, kv, idx, out, lse, d_out, scale=0.2, v_dim=v, block_k=block_k,
                                                interpret=True)
     assert dq.dtype == dtype and dkv.dtype == dtype
-    for got, want in zip((dq, dkv), vjp(f32(d_out))):
+    for got, want in zip((dq, dkv), ref_grads):
         scale = float(jnp.max(jnp.abs(want)))
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=grad_tol * scale, rtol=grad_tol)
 
 
 def test_ops_sparse_mla_gradient_on_the_mosaic_path():
-    q, kv, idx = random_case(3, 2, 4, 24, 4, 32, 16, 10, jnp.float32)
-    cot = jnp.asarray(np.random.default_rng(4).normal(size=(2, 4, 4, 32)), jnp.float32)
-
-    def loss(impl):
-        return lambda q_, kv_: jnp.sum(ops.sparse_mla(q_, kv_, idx, scale=0.3, v_dim=32, impl=impl,
-                                                      interpret=True) * cot)
-
-    got = jax.grad(loss("mosaic"), argnums=(0, 1))(q, kv)
-    want = jax.grad(loss("reference"), argnums=(0, 1))(q, kv)
+    # ONE_BLOCK's shapes and the default tiles: the kernels compiled by the test above are reused.
+    q, kv, idx = random_case(3, *ONE_BLOCK, jnp.float32)
+    cot = jnp.asarray(np.random.default_rng(4).normal(size=q.shape[:3] + (ONE_BLOCK[4],)), jnp.float32)
+    loss = lambda q_, kv_: jnp.sum(ops.sparse_mla(q_, kv_, idx, scale=0.2, v_dim=ONE_BLOCK[4], impl="mosaic",
+                                                  interpret=True) * cot)
+    got = jax.grad(loss, argnums=(0, 1))(q, kv)
+    _, want = reference_and_vjp(q, kv, idx, cot, v_dim=ONE_BLOCK[4])
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("b, t, s, h, d, topk, q_offset, k_len, chunk", [
-    (2, 19, 19, 5, 24, 5, 0, None, 8),       # odd T, chunk not dividing T, 2 key blocks of 2 tiles
-    (2, 13, 22, 8, 32, 8, 9, [22, 11], 16),  # decode-style offset, per-sequence lengths
-    (1, 9, 9, 3, 16, 32, 0, None, 4),        # S < topk: -1 padding
+@pytest.mark.parametrize("b, t, s, h, d, topk, q_offset, k_len, chunk, dtype", [
+    (2, 19, 19, 5, 24, 5, 0, None, 8, jnp.float32),   # odd T, chunk not dividing T, 2 key blocks of 2 tiles
+    (2, 19, 19, 5, 24, 5, 0, None, 8, jnp.bfloat16),
+    (2, 13, 22, 8, 32, 8, 9, [22, 11], 16, jnp.bfloat16),  # decode-style offset, per-sequence lengths
+    (1, 9, 9, 3, 16, 32, 0, None, 4, jnp.float32),    # S < topk: -1 padding
 ])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_indexer_topk_matches_reference(b, t, s, h, d, topk, q_offset, k_len, chunk, dtype):
     rng = np.random.default_rng(t)
     q = jnp.asarray(rng.normal(size=(b, t, h, d)), dtype)
