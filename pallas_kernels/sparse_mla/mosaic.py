@@ -169,6 +169,9 @@ def _fwd_kernel(idx_smem, idx_vmem, q_ref, kv_hbm, o_ref, lse_ref, kv_buf, kv_se
 
 
 def _interpret_params(interpret):
+    """False (compile for TPU), True (the TPU interpreter's defaults) or a given pltpu.InterpretParams."""
+    if isinstance(interpret, pltpu.InterpretParams):
+        return interpret
     return pltpu.InterpretParams() if interpret else False
 
 
