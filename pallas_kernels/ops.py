@@ -1,10 +1,17 @@
 """Public DSA entry points: `indexer_topk` and `sparse_mla` (their names and shapes are a contract).
 
-`impl="reference"` is the pure-JAX reference; `impl="pallas"` the Pallas kernel (the Triton
-lowering; interpreted on CPU or with `interpret=True`, for tests); `impl="auto"` picks the
-kernel on GPU and the reference elsewhere. Kernels: sparse MLA forward and backward (a
-`jax.custom_vjp`); indexer scores (top-k per query chunk by `lax.top_k`). Not yet:
-decode-specialised variants, FP8 inputs to the indexer kernel, TPU (Mosaic) variants.
+`impl` picks the implementation:
+- "reference": the pure-JAX reference;
+- "pallas": the Pallas kernel for this backend: Mosaic on TPU, the Triton lowering elsewhere;
+- "triton" / "mosaic": that lowering's kernel, whatever the backend (for tests and benchmarks);
+- "auto": Mosaic on TPU, Triton on GPU, the reference elsewhere (the Triton kernel when
+  `interpret=True`).
+A kernel runs interpreted where it cannot compile: the Triton one on CPU (or with
+`interpret=True`), the Mosaic one off TPU (or with `interpret=True`) under
+`pltpu.InterpretParams()`, the TPU interpreter that also simulates DMAs and semaphores.
+Kernels: sparse MLA forward and backward (a `jax.custom_vjp`, dkv accumulated over every query
+that selected a row); indexer scores (top-k per query chunk by `lax.top_k`). Not yet:
+decode-specialised variants, FP8 inputs to the indexer kernels (they take the reference).
 """
 
 import functools
@@ -12,21 +19,31 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.indexer import mosaic as indexer_mosaic
 from pallas_kernels.indexer import triton as indexer_triton
 from pallas_kernels.indexer.reference import indexer_topk_reference
+from pallas_kernels.sparse_mla import mosaic as sparse_mla_mosaic
 from pallas_kernels.sparse_mla import triton as sparse_mla_triton
 from pallas_kernels.sparse_mla.reference import sparse_mla_reference
 
-_IMPLS = ("auto", "reference", "pallas")
+_IMPLS = ("auto", "reference", "pallas", "triton", "mosaic")
+_SPARSE_MLA_KERNELS = {"triton": sparse_mla_triton, "mosaic": sparse_mla_mosaic}
 
 
-def _check_impl(impl):
+def _kernel(impl, interpret):
+    """(lowering, interpret) of the kernel to run, or (None, False) for the reference."""
     if impl not in _IMPLS:
         raise ValueError(f"impl: expected one of {_IMPLS}, got {impl!r}")
-
-
-def _use_kernel(impl, interpret):
-    return impl == "pallas" or (impl == "auto" and (interpret or jax.default_backend() == "gpu"))
+    backend = jax.default_backend()
+    if impl in ("pallas", "auto"):
+        if impl == "auto" and not (interpret or backend in ("gpu", "tpu")):
+            return None, False
+        impl = "mosaic" if backend == "tpu" else "triton"
+    if impl == "reference":
+        return None, False
+    # Pallas kernels compile only for their accelerator; elsewhere the kernel runs interpreted.
+    compiles = backend == ("tpu" if impl == "mosaic" else "gpu")
+    return impl, bool(interpret) or not compiles
 
 
 def indexer_topk(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, impl="auto", interpret=False,
@@ -36,18 +53,19 @@ def indexer_topk(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, impl="a
     q [B, T, H, D], k [B, S, D], w [B, T, H] (float32; any q scale folded in), optional
     k_scale [B, S] (FP8 keys) -> int32 [B, T, topk] indices of the largest
     I[t, s] = k_scale[s] Σ_h w[t, h] relu(q[t, h]·k[s]) over s <= t + q_offset, s < k_len[b];
-    -1 marks slots with no valid key. Ties: lowest index first.
+    -1 marks slots with no valid key. Ties: lowest index first. `impl` and `interpret`: see the
+    module docstring; chunk_size and key_block tile the reference.
     """
-    _check_impl(impl)
+    kernel, interpret = _kernel(impl, interpret)
     if q.ndim != 4 or k.ndim != 3 or w.ndim != 3:
         raise ValueError(f"indexer_topk: expected q [B,T,H,D], k [B,S,D], w [B,T,H]; got {q.shape}, {k.shape}, {w.shape}")
     if q.shape[-1] != k.shape[-1] or q.shape[:3] != w.shape or q.shape[0] != k.shape[0]:
         raise ValueError(f"indexer_topk: shapes disagree: q {q.shape}, k {k.shape}, w {w.shape}")
     # Indices carry no gradient; stopping it here keeps autodiff out of the kernel.
     q, k, w = jax.lax.stop_gradient((q, k, w))
-    if _use_kernel(impl, interpret) and q.dtype != jnp.float8_e4m3fn:
-        return indexer_triton.indexer_topk_triton(q, k, w, topk=topk, k_scale=k_scale, q_offset=q_offset, k_len=k_len,
-                                                  interpret=interpret or jax.default_backend() == "cpu")
+    if kernel is not None and q.dtype != jnp.float8_e4m3fn:
+        topk_fn = indexer_mosaic.indexer_topk_mosaic if kernel == "mosaic" else indexer_triton.indexer_topk_triton
+        return topk_fn(q, k, w, topk=topk, k_scale=k_scale, q_offset=q_offset, k_len=k_len, interpret=interpret)
     return indexer_topk_reference(q, k, w, topk=topk, k_scale=k_scale, q_offset=q_offset, k_len=k_len,
                                   chunk_size=chunk_size, key_block=key_block)
 
@@ -56,33 +74,35 @@ def sparse_mla(q, kv, indices, *, scale, v_dim=512, impl="auto", interpret=False
     """Attention over the selected latent rows.
 
     q [B, T, H, Dqk], kv [B, S, Dqk], indices [B, T, K] (-1 = unused) -> [B, T, H, v_dim], the
-    values being kv[..., :v_dim]; softmax over the selected rows only.
+    values being kv[..., :v_dim]; softmax over the selected rows only. Differentiable in q and kv
+    (the kernels' backward kernel; the reference by autodiff). `impl` and `interpret`: see the
+    module docstring; chunk_size tiles the reference.
     """
-    _check_impl(impl)
+    kernel, interpret = _kernel(impl, interpret)
     if q.ndim != 4 or kv.ndim != 3 or indices.ndim != 3:
         raise ValueError(f"sparse_mla: expected q [B,T,H,D], kv [B,S,D], indices [B,T,K]; got {q.shape}, {kv.shape}, {indices.shape}")
     if q.shape[-1] != kv.shape[-1] or q.shape[:2] != indices.shape[:2] or v_dim > kv.shape[-1]:
         raise ValueError(f"sparse_mla: shapes disagree: q {q.shape}, kv {kv.shape}, indices {indices.shape}, v_dim {v_dim}")
-    if _use_kernel(impl, interpret):
-        # Pallas kernels compile only for accelerators; on CPU the kernel runs interpreted.
-        return _sparse_mla_kernel(q, kv, indices, scale, v_dim, interpret or jax.default_backend() == "cpu")
+    if kernel is not None:
+        return _sparse_mla_kernel(q, kv, indices, scale, v_dim, kernel, interpret)
     return sparse_mla_reference(q, kv, indices, scale=scale, v_dim=v_dim, chunk_size=chunk_size)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _sparse_mla_kernel(q, kv, indices, scale, v_dim, interpret):
-    return sparse_mla_triton.sparse_mla_fwd(q, kv, indices, scale=scale, v_dim=v_dim, interpret=interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _sparse_mla_kernel(q, kv, indices, scale, v_dim, kernel, interpret):
+    return _SPARSE_MLA_KERNELS[kernel].sparse_mla_fwd(q, kv, indices, scale=scale, v_dim=v_dim, interpret=interpret)[0]
 
 
-def _sparse_mla_kernel_fwd(q, kv, indices, scale, v_dim, interpret):
-    out, lse = sparse_mla_triton.sparse_mla_fwd(q, kv, indices, scale=scale, v_dim=v_dim, interpret=interpret)
+def _sparse_mla_kernel_fwd(q, kv, indices, scale, v_dim, kernel, interpret):
+    out, lse = _SPARSE_MLA_KERNELS[kernel].sparse_mla_fwd(q, kv, indices, scale=scale, v_dim=v_dim,
+                                                          interpret=interpret)
     return out, (q, kv, indices, out, lse)
 
 
-def _sparse_mla_kernel_bwd(scale, v_dim, interpret, residuals, g):
+def _sparse_mla_kernel_bwd(scale, v_dim, kernel, interpret, residuals, g):
     q, kv, indices, out, lse = residuals
-    dq, dkv = sparse_mla_triton.sparse_mla_bwd(q, kv, indices, out, lse, g, scale=scale, v_dim=v_dim,
-                                               interpret=interpret)
+    dq, dkv = _SPARSE_MLA_KERNELS[kernel].sparse_mla_bwd(q, kv, indices, out, lse, g, scale=scale, v_dim=v_dim,
+                                                         interpret=interpret)
     return dq, dkv, None
 
 

@@ -1,0 +1,148 @@
+"""Lightning-indexer scores as a Pallas kernel with the Mosaic lowering (TPU), top-k by chunks.
+
+Same function as `pallas_kernels/indexer/reference.py` (spec §3, steps 6-9). The kernel scores
+a block of `block_t` queries against a block of `block_s` keys:
+I[t, s] = k_scale[s] · Σ_h w[t, h] · relu(q[t, h] · k[s]) in float32 (one [block_t·H, D] x
+[D, block_s] MXU matmul, then ReLU, the head weights and the head sum on the VPU), writing -inf
+outside s <= t + q_offset and s < k_len. `indexer_topk_mosaic` runs it over chunks of
+`chunk_size` queries and, within a chunk, over key blocks of `key_block` keys with a running
+`lax.top_k` merge (the reference's scheme: the running set, all lower indices, goes before
+each new block, so ties keep the lowest index). Memory is O(chunk_size · (key_block + topk)),
+never [T, S]; key blocks wholly after every query of the chunk are never scored.
+
+TPU-specific choices (why):
+- The chunk's first query position, the key block's first key and k_len [B] are scalar-
+  prefetched (SMEM), so the kernel masks by position and the key index_map can clamp a
+  wholly-masked key block to the last visible one: Pallas skips the DMA when the block index
+  does not change, and the kernel skips the matmul (`pl.when`).
+- Block shapes keep the (8, 128) rule: q [block_t, H, D] and w [block_t, H, 1] (whole H, D, 1
+  as the last two dims), keys [block_s, D], scales [1, block_s], scores [block_t, block_s]
+  with block_t a multiple of 8 and block_s a multiple of 128 (the wrapper pads to them).
+  w has a trailing unit dim so the head weights broadcast along lanes, not across them.
+- The [block_t, H, D] -> [block_t·H, D] reshape merges whole (8, 128) tiles when H is a
+  multiple of 8 (16 for bf16); V3.2's H = 64 is.
+
+Not measured on a TPU (none here); run under `pltpu.InterpretParams` in the tests.
+
+Shapes: B batch, T queries, S keys, H heads, D head dim, K = topk.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.chunking import map_query_chunks
+
+
+def _limits(meta_ref, klen_ref, b, j, block_t, q_offset):
+    """(first query position of block j, one past the last key the block's last query may see)."""
+    first = meta_ref[0] + j * block_t
+    return first, jnp.minimum(first + block_t + q_offset, klen_ref[b])
+
+
+def _scores_kernel(meta_ref, klen_ref, q_ref, w_ref, k_ref, ks_ref, o_ref, *, q_offset):
+    b, j, l = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    block_t, heads, dim = q_ref.shape
+    block_s = k_ref.shape[0]
+    first_pos, last_limit = _limits(meta_ref, klen_ref, b, j, block_t, q_offset)
+    first_key = meta_ref[1] + l * block_s
+    visible = first_key < last_limit
+
+    @pl.when(visible)
+    def _():
+        logits = jax.lax.dot_general(q_ref[...].reshape(block_t * heads, dim), k_ref[...],
+                                     (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        logits = jnp.maximum(logits, 0.0).reshape(block_t, heads, block_s)
+        scores = jnp.sum(logits * w_ref[...], axis=1) * ks_ref[...]  # [block_t, block_s]
+        pos = first_pos + jax.lax.broadcasted_iota(jnp.int32, (block_t, block_s), 0)
+        keys = first_key + jax.lax.broadcasted_iota(jnp.int32, (block_t, block_s), 1)
+        limit = jnp.minimum(pos + q_offset + 1, klen_ref[b])
+        o_ref[...] = jnp.where(keys < limit, scores, -jnp.inf)
+
+    @pl.when(jnp.logical_not(visible))  # a block wholly after every query's last key: no matmul
+    def _():
+        o_ref[...] = jnp.full(o_ref.shape, -jnp.inf, jnp.float32)
+
+
+def indexer_scores_mosaic(q, k, w, k_scale, k_len, q_start, k_start, *, num_keys, q_offset=0, block_t=8,
+                          block_s=512, interpret=False):
+    """Scores [B, Tq, num_keys] (float32, -inf where masked) of queries q_start.. vs keys k_start...
+
+    q [B, Tq, H, D] with Tq a multiple of block_t, w [B, Tq, H, 1] float32, k [B, Sp, D] and
+    k_scale [B, 1, Sp] float32 with Sp a multiple of num_keys, num_keys a multiple of block_s.
+    """
+    b, tq, h, d = q.shape
+    key_blocks = num_keys // block_s
+
+    def key_block(b_, j, l, meta, klen):  # clamp wholly-masked blocks to the last visible one: no new DMA
+        _, last_limit = _limits(meta, klen, b_, j, block_t, q_offset)
+        last = jax.lax.div(jnp.maximum(last_limit - 1 - meta[1], 0), block_s)  # non-negative: plain division
+        return jax.lax.div(meta[1], block_s) + jnp.minimum(l, last)
+
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=2,
+        grid=(b, tq // block_t, key_blocks),
+        in_specs=[
+            pl.BlockSpec((None, block_t, h, d), lambda b_, j, l, *_: (b_, j, 0, 0)),
+            pl.BlockSpec((None, block_t, h, 1), lambda b_, j, l, *_: (b_, j, 0, 0)),
+            pl.BlockSpec((None, block_s, d), lambda b_, j, l, *s: (b_, key_block(b_, j, l, *s), 0)),
+            pl.BlockSpec((None, 1, block_s), lambda b_, j, l, *s: (b_, 0, key_block(b_, j, l, *s))),
+        ],
+        out_specs=pl.BlockSpec((None, block_t, block_s), lambda b_, j, l, *_: (b_, j, l)),
+    )
+    meta = jnp.stack([q_start, k_start]).astype(jnp.int32)
+    return pl.pallas_call(
+        functools.partial(_scores_kernel, q_offset=q_offset),
+        grid_spec=grid_spec,
+        out_shape=jax.ShapeDtypeStruct((b, tq, num_keys), jnp.float32),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=pltpu.InterpretParams() if interpret else False,
+        name="indexer_scores",
+    )(meta, k_len, q, w, k, k_scale)
+
+
+def indexer_topk_mosaic(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, chunk_size=512, key_block=8192,
+                        block_t=8, block_s=512, interpret=False):
+    """Same contract as `indexer_topk_reference`: int32 [B, T, topk], -1 for empty slots."""
+    b, s = k.shape[0], k.shape[1]
+    kk = min(topk, s)
+    k_len = jnp.full((b,), s, jnp.int32) if k_len is None else jnp.minimum(jnp.asarray(k_len, jnp.int32), s)
+    k_scale = jnp.ones((b, s), jnp.float32) if k_scale is None else k_scale.astype(jnp.float32)
+    block_s = min(block_s, -(-s // 128) * 128)
+    key_block = -(-min(key_block, s) // block_s) * block_s
+    sp = -(-s // key_block) * key_block
+    # Padded once for all chunks; padded keys sit at s >= k_len, so they are always masked.
+    k = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0)))
+    k_scale = jnp.pad(k_scale, ((0, 0), (0, sp - s)))[:, None, :]
+
+    def chunk(positions, q_c, w_c):
+        tc = q_c.shape[1]
+        tp = -(-tc // block_t) * block_t
+        q_c = jnp.pad(q_c, ((0, 0), (0, tp - tc), (0, 0), (0, 0)))
+        w_c = jnp.pad(w_c.astype(jnp.float32), ((0, 0), (0, tp - tc), (0, 0)))[..., None]
+        q_start = positions[0]
+
+        def step(i, carry):
+            best_s, best_i = carry
+            k_start = i * key_block
+            scores = indexer_scores_mosaic(q_c, k, w_c, k_scale, k_len, q_start, k_start, num_keys=key_block,
+                                           q_offset=q_offset, block_t=block_t, block_s=block_s,
+                                           interpret=interpret)[:, :tc]
+            keys = k_start + jnp.arange(key_block, dtype=jnp.int32)
+            cand_s = jnp.concatenate([best_s, scores], axis=-1)
+            cand_i = jnp.concatenate([best_i, jnp.broadcast_to(keys, scores.shape)], axis=-1)
+            best_s, pos = jax.lax.top_k(cand_s, kk)
+            return best_s, jnp.take_along_axis(cand_i, pos, axis=-1)
+
+        init = (jnp.full((b, tc, kk), -jnp.inf, jnp.float32), jnp.full((b, tc, kk), -1, jnp.int32))
+        visible = jnp.minimum(q_start + tc + q_offset, jnp.max(k_len))  # keys any query of the chunk can see
+        best_s, best_i = jax.lax.fori_loop(0, (visible + key_block - 1) // key_block, step, init)
+        return jnp.where(best_s > -jnp.inf, best_i, -1)
+
+    idx = map_query_chunks(chunk, chunk_size, q, w)
+    if kk < topk:
+        idx = jnp.pad(idx, [(0, 0), (0, 0), (0, topk - kk)], constant_values=-1)
+    return idx
