@@ -85,7 +85,8 @@ class ModelConfig:
     weight_fp8: bool = False
     # Memory knob, not math: queries scored/attended per chunk on the sparse path
     attention_chunk_size: int = 256
-    # DSA kernels (pallas_kernels.ops): "auto" (Pallas on GPU, reference elsewhere), "reference", "pallas"
+    # DSA kernels (pallas_kernels.ops): "auto" (Triton on GPU, Mosaic on TPU, reference elsewhere),
+    # "reference", "pallas" (the kernel for this backend; interpreted on CPU)
     attention_impl: str = "auto"
     # Expert parallelism only (an "expert" mesh axis > 1): per-shard buffer capacity as a multiple
     # of the balanced load; copies past it are dropped and counted in aux["dropped_tokens"].
