@@ -5,8 +5,10 @@ Routing (float32): s = sigmoid(x·Wg); experts are *selected* on s + b (b =
 score = sum of the top-2 biased scores, keep `topk_group` groups, then the top-k experts.
 The *weights* are the unbiased s of those experts, normalised to sum 1, × routed_scaling_factor.
 Dispatch is dropless: token copies are sorted by expert and run through `jax.lax.ragged_dot`.
-Also returns per-expert token counts (for the bias update) and the sequence-wise balance
-statistic Σ_i f_i P_i (spec §5), averaged over sequences.
+Also returns per-expert token counts (for the bias update), the sequence-wise balance
+statistic Σ_i f_i P_i (spec §5), averaged over sequences, and the chosen experts.
+Keep Routing (spec §8): given forced `routes`, the experts are those and their weights are
+recomputed from the current gate scores, so a training forward reproduces a sampler's routing.
 
 Legend: B batch, T tokens, N = B·T, D model dim, E experts, F expert inner dim, K experts/token.
 """
@@ -32,9 +34,13 @@ def route(scores, bias, *, n_group, topk_group, top_k, scaling):
         group_mask = jnp.zeros((n, n_group), bool).at[jnp.arange(n)[:, None], kept].set(True)
         biased = jnp.where(group_mask[:, :, None], grouped, -jnp.inf).reshape(n, e)
     _, experts = jax.lax.top_k(biased, top_k)
+    return expert_weights(scores, experts, scaling), experts.astype(jnp.int32)
+
+
+def expert_weights(scores, experts, scaling):
+    """Unbiased scores of the chosen experts [N, K], normalised to sum 1, × scaling (float32)."""
     weights = jnp.take_along_axis(scores, experts, axis=-1)
-    weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20) * scaling
-    return weights, experts.astype(jnp.int32)
+    return weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20) * scaling
 
 
 def dispatch_experts(x, experts, weights, w_gate, w_up, w_down):
@@ -57,8 +63,9 @@ class MoE(nn.Module):
     cfg: Any
 
     @nn.compact
-    def __call__(self, x):
-        """x [B, T, D] -> (y [B, T, D], {"expert_load": [E] int32, "balance": scalar f32})."""
+    def __call__(self, x, routes=None):
+        """x [B, T, D], optional forced routes [B, T, K] int32 -> (y [B, T, D], aux) with aux
+        {"expert_load": [E] int32, "balance": scalar f32, "routes": experts chosen [B, T, K] int32}."""
         cfg = self.cfg
         b, t, d = x.shape
         e, f, std = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.initializer_range
@@ -77,9 +84,15 @@ class MoE(nn.Module):
         tokens = x.reshape(b * t, d)
         scores = jax.nn.sigmoid(jnp.einsum("ND,DE->NE", tokens.astype(jnp.float32), gate,
                                            precision=jax.lax.Precision.HIGHEST))
-        weights, experts = route(scores, jax.lax.stop_gradient(bias), n_group=cfg.n_group,
-                                 topk_group=cfg.topk_group, top_k=cfg.num_experts_per_tok,
-                                 scaling=cfg.routed_scaling_factor)
+        if routes is None:
+            weights, experts = route(scores, jax.lax.stop_gradient(bias), n_group=cfg.n_group,
+                                     topk_group=cfg.topk_group, top_k=cfg.num_experts_per_tok,
+                                     scaling=cfg.routed_scaling_factor)
+        else:
+            if routes.shape != (b, t, cfg.num_experts_per_tok):
+                raise ValueError(f"MoE routes: expected [B, T, K] = {(b, t, cfg.num_experts_per_tok)}, got {routes.shape}")
+            experts = routes.reshape(b * t, -1).astype(jnp.int32)
+            weights = expert_weights(scores, experts, cfg.routed_scaling_factor)
         y = dispatch_experts(tokens, experts, weights, w_gate, w_up, w_down).reshape(b, t, d)
         if cfg.n_shared_experts:
             y = y + MLP(cfg, f * cfg.n_shared_experts, axis="moe_mlp", name="shared")(x)
@@ -87,5 +100,6 @@ class MoE(nn.Module):
         chosen = jax.nn.one_hot(experts, e, dtype=jnp.float32).sum(1).reshape(b, t, e)
         frac = chosen.mean(1) * (e / cfg.num_experts_per_tok)                     # f_i per sequence
         prob = (scores / jnp.sum(scores, -1, keepdims=True)).reshape(b, t, e).mean(1)  # P_i per sequence
-        aux = {"expert_load": chosen.sum((0, 1)).astype(jnp.int32), "balance": jnp.mean(jnp.sum(frac * prob, -1))}
+        aux = {"expert_load": chosen.sum((0, 1)).astype(jnp.int32), "balance": jnp.mean(jnp.sum(frac * prob, -1)),
+               "routes": experts.reshape(b, t, -1)}
         return y, aux
