@@ -72,11 +72,12 @@ def init_cache(cfg, batch: int, max_len: int, *, mtp: bool = False) -> Cache:
 
 def write(group: LayerCache, layer, start, kv, index_k, index_k_scale) -> LayerCache:
     """Stores T new tokens of layer `layer` at rows start[b] + t: kv [B,T,C+R], index_k [B,T,I],
-    index_k_scale [B,T] or None. The caller keeps start + T <= S (rows past S would be dropped)."""
+    index_k_scale [B,T] or None. The caller keeps start + T <= S: the scatter is promised in
+    bounds (a bounds-checked scatter becomes a select over the whole cache, O(S) per step)."""
     b, t = kv.shape[:2]
     rows = jnp.asarray(start, jnp.int32)[:, None] + jnp.arange(t, dtype=jnp.int32)  # [B, T]
     batch = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
-    put = lambda cache, new: cache.at[layer, batch, rows].set(new.astype(cache.dtype))
+    put = lambda cache, new: cache.at[layer, batch, rows].set(new.astype(cache.dtype), mode="promise_in_bounds")
     scale = None if group.index_k_scale is None else put(group.index_k_scale, index_k_scale)
     return LayerCache(kv=put(group.kv, kv), index_k=put(group.index_k, index_k), index_k_scale=scale)
 

@@ -110,6 +110,8 @@ class Transformer(nn.Module):
             if "routes" in layer_aux:
                 aux["routes"] = layer_aux.pop("routes")
             aux.update(layer_aux)
+        if return_routes and not cfg.num_moe_layers:
+            aux["routes"] = jnp.zeros((0, b, t, cfg.num_experts_per_tok), jnp.int32)
         hidden = final_norm(x)
         logits = logits_of(hidden if logits_at is None else jnp.take_along_axis(hidden, logits_at[..., None], axis=1))
         if return_hidden:
