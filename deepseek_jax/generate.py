@@ -32,6 +32,7 @@ import numpy as np
 from deepseek_jax import sampling
 from deepseek_jax.cache import init_cache
 from deepseek_jax.model import Transformer
+from deepseek_jax.speculative import speculative_prefill, speculative_step
 
 
 @dataclasses.dataclass
@@ -44,6 +45,7 @@ class Generation:
     kept_counts: np.ndarray | None  # [N] int32 (None without top-p/top-k truncation)
     kept_ids: np.ndarray | None     # [sum(kept_counts)] int32: each step's kept ids, by decreasing probability
     routes: np.ndarray | None       # [L, P + N - 1, K] int32 experts per MoE layer (with record_routes)
+    accept_rate: float | None = None  # speculative: fraction of MTP drafts the main model kept
 
     def kept_mask(self, vocab_size: int) -> np.ndarray:
         """The Keep Sampling Mask as booleans [N, V]."""
@@ -61,6 +63,7 @@ class TokenEvent(NamedTuple):
     kept_ids: np.ndarray | None      # this step's kept ids (the mask), or None
     input_routes: np.ndarray | None  # [L, n, K] experts of the n inputs consumed to produce this token
     finish_reason: str | None        # set on the sequence's last token
+    draft_accepted: bool | None = None  # speculative, first token of a step: was the step's draft kept
 
 
 # --------------------------------------------------------------------------- jitted steps
@@ -160,71 +163,109 @@ def _host_kept(sample):
     return np.asarray(sample.kept_ids[:, :width]), counts
 
 
+def _events(tracker, sample, indices, routes, accepted=None):
+    """TokenEvents of a device Sample for the sequences in `indices`, updating the tracker.
+    routes: per-sequence input routes (or None); accepted: per-sequence draft verdicts (or None)."""
+    tokens, logprobs = np.asarray(sample.tokens), np.asarray(sample.logprobs)
+    kept_ids, kept_counts = _host_kept(sample)
+    for i in indices:
+        token = int(tokens[i])
+        yield TokenEvent(i, token, float(logprobs[i]), None if kept_ids is None else kept_ids[i, :kept_counts[i]],
+                         None if routes is None else routes[i], tracker.add(i, token),
+                         None if accepted is None else bool(accepted[i]))
+
+
+def _per_sequence_routes(routes, n, lengths=None):
+    """Host routes [L, B, T, K] -> per sequence [L, T_i, K] (T_i = lengths[i], default T)."""
+    routes = np.asarray(routes)
+    return [routes[:, i, :None if lengths is None else lengths[i]] for i in range(n)]
+
+
 def stream(params, cfg, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
            top_p: float = 1.0, top_k: int = 0, seed: int | Sequence[int] = 0, stop: Sequence[Sequence[int]] = (),
-           eos_ids: Sequence[int] | None = None, record_routes: bool = False,
-           attention: str = "auto") -> Iterator[TokenEvent]:
+           eos_ids: Sequence[int] | None = None, record_routes: bool = False, attention: str = "auto",
+           speculative: bool = False) -> Iterator[TokenEvent]:
     """Streaming form of `generate`: yields a TokenEvent per new token as soon as it is sampled
-    (all sequences advance one token per step; finished ones stop yielding)."""
+    (all sequences advance together, one token per step, or one or two with `speculative`;
+    finished ones stop yielding)."""
     _check_prompts(prompts, cfg)
     sampling.check_options(cfg.vocab_size, temperature, top_p, top_k)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected a positive int, got {max_new_tokens!r}")
+    if speculative and not cfg.num_nextn_predict_layers:
+        raise ValueError("speculative: needs an MTP layer, but cfg.num_nextn_predict_layers is 0")
     stop = _check_stop(stop)
     lengths = np.array([len(p) for p in prompts], np.int32)
     n, longest = len(prompts), int(lengths.max())
     if longest + max_new_tokens > cfg.max_position_embeddings:
         raise ValueError(f"longest prompt + max_new_tokens = {longest + max_new_tokens} exceeds "
                          f"cfg.max_position_embeddings ({cfg.max_position_embeddings})")
-    # Shapes in buckets, so calls with nearby lengths share compiled steps.
-    width, max_len = _round_up(longest, PROMPT_BUCKET), _round_up(longest + max_new_tokens, CACHE_BUCKET)
+    # Shapes in buckets, so calls with nearby lengths share compiled steps. A speculative step
+    # writes two rows past the last token it keeps.
+    width = _round_up(longest, PROMPT_BUCKET)
+    max_len = _round_up(longest + max_new_tokens + (2 if speculative else 0), CACHE_BUCKET)
     tokens = np.zeros((n, width), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
-    options = tuple({"temperature": temperature, "top_p": top_p, "top_k": top_k}.items())
+    options = (("temperature", temperature), ("top_p", top_p), ("top_k", top_k))
     seq_keys = _sequence_keys(seed, n)
     eos_ids = {cfg.eos_token_id} if eos_ids is None else {int(t) for t in eos_ids}
     tracker = _Tracker(n, max_new_tokens, eos_ids, stop)
+    counts = lambda: jnp.asarray([len(g) for g in tracker.generated], jnp.int32)
 
-    logits, cache, routes = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(lengths),
-                                    init_cache(cfg, n, max_len), attention=attention)
-    sample = _sample(logits, seq_keys, jnp.zeros((n,), jnp.int32), options)
-    routes = [np.asarray(routes[:, i, :lengths[i]]) for i in range(n)] if record_routes else None
-    while True:
+    cache = init_cache(cfg, n, max_len, mtp=speculative)
+    if not speculative:
+        logits, cache, routes = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(lengths), cache,
+                                        attention=attention)
+        sample = _sample(logits, seq_keys, counts(), options)
+        yield from _events(tracker, sample, tracker.active(),
+                           _per_sequence_routes(routes, n, lengths) if record_routes else None)
+        while tracker.active():
+            logits, cache, routes = decode_step(params, cfg, cache, sample.tokens, attention=attention)
+            sample = _sample(logits, seq_keys, counts(), options)
+            yield from _events(tracker, sample, tracker.active(),
+                               _per_sequence_routes(routes[:, :, None], n) if record_routes else None)
+        return
+
+    static = {"attention": attention, "options": options}
+    cache, sample, draft, draft_logits, routes = speculative_prefill(
+        params, cfg, jnp.asarray(tokens), jnp.asarray(lengths), cache, seq_keys, **static)
+    yield from _events(tracker, sample, tracker.active(),
+                       _per_sequence_routes(routes, n, lengths) if record_routes else None)
+    pending = sample.tokens
+    while tracker.active():
         active = tracker.active()
-        new, logprobs = np.asarray(sample.tokens), np.asarray(sample.logprobs)
-        kept_ids, kept_counts = _host_kept(sample)
-        for i in active:
-            token = int(new[i])
-            yield TokenEvent(i, token, float(logprobs[i]),
-                             None if kept_ids is None else kept_ids[i, :kept_counts[i]],
-                             None if routes is None else routes[i], tracker.add(i, token))
-        if not tracker.active():
-            return
-        counts = np.array([len(g) for g in tracker.generated], np.int32)
-        logits, cache, step_routes = decode_step(params, cfg, cache, sample.tokens, attention=attention)
-        sample = _sample(logits, seq_keys, jnp.asarray(counts), options)
-        if record_routes:
-            step_routes = np.asarray(step_routes)[:, :, None]
-            routes = [step_routes[:, i] for i in range(n)]
+        cache, sample, bonus, accepted, draft, draft_logits, routes = speculative_step(
+            params, cfg, cache, pending, draft, draft_logits, jnp.asarray([f is None for f in tracker.finished]),
+            seq_keys, counts(), **static)
+        step_routes = _per_sequence_routes(routes, n) if record_routes else None
+        first = None if step_routes is None else [r[:, :1] for r in step_routes]
+        host_accepted = np.asarray(accepted)
+        yield from _events(tracker, sample, active, first, host_accepted)
+        second = None if step_routes is None else [r[:, 1:] for r in step_routes]
+        yield from _events(tracker, bonus, [i for i in tracker.active() if host_accepted[i]], second)
+        pending = jnp.where(accepted, bonus.tokens, sample.tokens)
 
 
 def generate(params, cfg, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int | Sequence[int] = 0, stop: Sequence[Sequence[int]] = (),
-             eos_ids: Sequence[int] | None = None, record_routes: bool = False,
-             attention: str = "auto") -> list[Generation]:
+             eos_ids: Sequence[int] | None = None, record_routes: bool = False, attention: str = "auto",
+             speculative: bool = False) -> list[Generation]:
     """Continues each prompt (a list of token ids) by up to max_new_tokens tokens.
 
     temperature 0 is greedy; top_p / top_k truncate (sampling.py). A sequence ends at one of
     `eos_ids` (None: cfg.eos_token_id; () for none), when its new tokens end with one of `stop`
     (token-id sequences), or after max_new_tokens. record_routes keeps the MoE experts (Keep Routing).
-    attention: "auto" (sparse decode) or "dense" (decode over every cached row).
-    Returns one Generation per prompt, in order.
+    attention: "auto" (sparse decode) or "dense" (decode over every cached row). speculative:
+    MTP drafts and the main model verifies (speculative.py); greedy output is unchanged, sampled
+    output has the same distribution (other draws), and Generation.accept_rate reports the
+    fraction of drafts kept. Returns one Generation per prompt, in order.
     """
     n = len(prompts) if isinstance(prompts, (list, tuple)) else 0
-    tokens, logprobs, kept, counts, routes, reasons = ([[] for _ in range(n)] for _ in range(6))
+    tokens, logprobs, kept, counts, routes, reasons, verdicts = ([[] for _ in range(n)] for _ in range(7))
     for ev in stream(params, cfg, prompts, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                     seed=seed, stop=stop, eos_ids=eos_ids, record_routes=record_routes, attention=attention):
+                     seed=seed, stop=stop, eos_ids=eos_ids, record_routes=record_routes, attention=attention,
+                     speculative=speculative):
         tokens[ev.index].append(ev.token)
         logprobs[ev.index].append(ev.logprob)
         if ev.kept_ids is not None:
@@ -234,10 +275,13 @@ def generate(params, cfg, prompts: Sequence[Sequence[int]], max_new_tokens: int,
             routes[ev.index].append(ev.input_routes)
         if ev.finish_reason is not None:
             reasons[ev.index] = ev.finish_reason
+        if ev.draft_accepted is not None:
+            verdicts[ev.index].append(ev.draft_accepted)
     truncated = sampling.truncates(top_p, top_k)
     return [Generation(
         tokens=np.asarray(tokens[i], np.int32), logprobs=np.asarray(logprobs[i], np.float32),
         finish_reason=reasons[i],
         kept_counts=np.asarray(counts[i], np.int32) if truncated else None,
         kept_ids=np.concatenate(kept[i]).astype(np.int32) if truncated else None,
-        routes=np.concatenate(routes[i], axis=1) if record_routes else None) for i in range(n)]
+        routes=np.concatenate(routes[i], axis=1) if record_routes else None,
+        accept_rate=float(np.mean(verdicts[i])) if speculative and verdicts[i] else None) for i in range(n)]

@@ -45,26 +45,71 @@ def truncates(top_p: float, top_k: int) -> bool:
     return top_k > 0 or top_p < 1
 
 
-def sample(logits, keys, *, temperature: float, top_p: float = 1.0, top_k: int = 0) -> Sample:
-    """logits [B, V] float32, keys [B] (one PRNG key per sequence; unused when greedy)."""
+def _truncate(logits, temperature, top_p, top_k):
+    """(logits / τ over the candidates with -inf outside the kept set [B, M], candidate ids
+    [B, M] by decreasing probability or None for the whole vocabulary in order, kept counts [B]
+    or None)."""
     scaled = logits.astype(jnp.float32) / (temperature if temperature > 0 else 1.0)
-    draw = jax.vmap(jax.random.categorical)
     if not truncates(top_p, top_k):
-        tokens = jnp.argmax(scaled, -1) if temperature == 0 else draw(keys, scaled)
-        logprobs = jnp.take_along_axis(jax.nn.log_softmax(scaled), tokens[:, None], -1)[:, 0]
-        return Sample(tokens.astype(jnp.int32), logprobs, None, None)
-
+        return scaled, None, None
     values, ids = jax.lax.top_k(scaled, top_k or scaled.shape[-1])  # [B, M], decreasing
     probs = jax.nn.softmax(values, axis=-1)
     keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # mass before a token < top_p: a prefix
     if top_p >= 1:  # the cumulative sum can round to 1 before the tail; top_p = 1 keeps every candidate
         keep = jnp.ones_like(keep)
     keep = keep.at[:, 0].set(True)
-    masked = jnp.where(keep, values, -jnp.inf)
-    pick = jnp.zeros(ids.shape[:1], jnp.int32) if temperature == 0 else draw(keys, masked)
+    return jnp.where(keep, values, -jnp.inf), ids.astype(jnp.int32), keep.sum(-1).astype(jnp.int32)
+
+
+def sample(logits, keys, *, temperature: float, top_p: float = 1.0, top_k: int = 0) -> Sample:
+    """logits [B, V] float32, keys [B] (one PRNG key per sequence; unused when greedy)."""
+    masked, ids, counts = _truncate(logits, temperature, top_p, top_k)
+    # Greedy: the first maximum, i.e. the lowest id among equal logits (candidates are in that order).
+    pick = jnp.argmax(masked, -1) if temperature == 0 else jax.vmap(jax.random.categorical)(keys, masked)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(masked), pick[:, None], -1)[:, 0]
-    tokens = jnp.take_along_axis(ids, pick[:, None], -1)[:, 0]
-    return Sample(tokens.astype(jnp.int32), logprobs, ids.astype(jnp.int32), keep.sum(-1).astype(jnp.int32))
+    tokens = pick if ids is None else jnp.take_along_axis(ids, pick[:, None], -1)[:, 0]
+    return Sample(tokens.astype(jnp.int32), logprobs, ids, counts)
+
+
+def _scatter_to_vocab(logp, ids, vocab_size):
+    if ids is None:
+        return logp
+    rows = jnp.arange(logp.shape[0])[:, None]
+    return jnp.full((logp.shape[0], vocab_size), -jnp.inf, jnp.float32).at[rows, ids].set(logp)
+
+
+def log_policy(logits, *, temperature: float, top_p: float = 1.0, top_k: int = 0):
+    """log π over the whole vocabulary [B, V] (-inf outside the kept set)."""
+    masked, ids, _ = _truncate(logits, temperature, top_p, top_k)
+    return _scatter_to_vocab(jax.nn.log_softmax(masked), ids, logits.shape[-1])
+
+
+def speculative_accept(target_logits, draft_logits, drafts, keys, *, temperature: float, top_p: float = 1.0,
+                       top_k: int = 0):
+    """Speculative sampling of one position: the draft d ~ q is kept with probability
+    min(1, p(d) / q(d)), else a token is drawn from max(p - q, 0) renormalised; the result is
+    distributed as p (π of target_logits), whatever q (π of draft_logits) is. Greedy
+    (temperature 0): d is kept iff it is p's mode, else the mode replaces it.
+
+    Returns (Sample of the token under p: log p, p's kept ids / counts; accepted [B] bool).
+    """
+    masked, ids, counts = _truncate(target_logits, temperature, top_p, top_k)
+    log_p = _scatter_to_vocab(jax.nn.log_softmax(masked), ids, target_logits.shape[-1])
+    if temperature == 0:
+        tokens = jnp.argmax(log_p, -1)  # the mode; the lowest id among equal logits
+        accepted = drafts == tokens
+    else:
+        log_q = log_policy(draft_logits, temperature=temperature, top_p=top_p, top_k=top_k)
+        at = lambda a: jnp.take_along_axis(a, drafts[:, None], -1)[:, 0]
+        accept_key, residual_key = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
+        u = jax.vmap(jax.random.uniform)(accept_key)
+        accepted = jnp.log(u) < at(log_p) - at(log_q)
+        residual = jnp.maximum(jnp.exp(log_p) - jnp.exp(log_q), 0.0)
+        # p == q leaves no residual, but then the draft is always accepted; fall back to p.
+        residual = jnp.where(residual.sum(-1, keepdims=True) > 0, jnp.log(residual), log_p)
+        tokens = jnp.where(accepted, drafts, jax.vmap(jax.random.categorical)(residual_key, residual))
+    logprobs = jnp.take_along_axis(log_p, tokens[:, None], -1)[:, 0]
+    return Sample(tokens.astype(jnp.int32), logprobs, ids, counts), accepted
 
 
 def kept_mask(kept_ids, kept_counts, vocab_size: int) -> np.ndarray:

@@ -22,7 +22,7 @@ from deepseek_jax.generate import (
     stream,
 )
 from deepseek_jax.params import abstract_params
-from deepseek_jax.sampling import kept_mask, sample
+from deepseek_jax.sampling import kept_mask, log_policy, sample, speculative_accept
 
 NEW = 36
 LOGIT_RTOL = 1e-4  # relative L2 error of decode logits vs recompute, per step (float32)
@@ -258,12 +258,82 @@ def test_eos_stop_sequences_and_stream(model, greedy):
     assert [e.index for e in events[:4]] == [0, 1, 0, 1]  # one token per sequence per step
 
 
+def _agreeing_mtp(cfg, params, damp=0.1):
+    """A model whose MTP layer mostly agrees with it: every block's output projections scaled by
+    `damp` (so the next token depends mostly on the current one, with some context), and the MTP
+    layer passing the next token's normalised embedding straight to the shared head."""
+    p = jax.tree.map(lambda x: x, params)
+    blocks = [p["dense_layers"], p["moe_layers"], p["mtp_0"]["block"]]
+    for block in blocks:
+        block["attn"]["o_proj"]["kernel"] *= damp
+        mlp = block["mlp"]
+        for path in (("down_proj", "kernel"), ("w_down",), ("shared", "down_proj", "kernel")):
+            if path[0] in mlp:
+                *parents, leaf = path
+                node = mlp
+                for key in parents:
+                    node = node[key]
+                node[leaf] *= damp
+    d = cfg.hidden_size
+    p["mtp_0"]["eh_proj"]["kernel"] = jnp.concatenate([jnp.eye(d), jnp.zeros((d, d))])  # [emb ; hidden] -> emb
+    for norm in (p["mtp_0"]["enorm"], p["mtp_0"]["shared_head_norm"], p["final_norm"]):
+        norm["scale"] = jnp.ones_like(norm["scale"])
+    return p
+
+
+def test_speculative_greedy_equals_greedy(model):
+    """MTP speculative decoding (greedy) gives the same tokens, log-probabilities and routes as
+    plain greedy decoding, keeping some drafts and rejecting others (both paths run)."""
+    cfg, params, prompts = model
+    params = _agreeing_mtp(cfg, params)
+    plain = generate(params, cfg, prompts, NEW, eos_ids=(), record_routes=True)
+    events = list(stream(params, cfg, prompts, NEW, eos_ids=(), record_routes=True, speculative=True))
+    spec = generate(params, cfg, prompts, NEW, eos_ids=(), record_routes=True, speculative=True)
+    for a, b in zip(plain, spec):
+        np.testing.assert_array_equal(b.tokens, a.tokens)
+        np.testing.assert_allclose(b.logprobs, a.logprobs, atol=1e-5)
+        np.testing.assert_array_equal(b.routes, a.routes)
+    verdicts = [e.draft_accepted for e in events if e.draft_accepted is not None]
+    rates = [g.accept_rate for g in spec]
+    print(f"greedy acceptance rates: {rates}")
+    assert 0 < np.mean(verdicts) < 1 and np.mean(rates) == pytest.approx(np.mean(verdicts), abs=0.1)
+    assert [e.token for e in events if e.index == 0] == plain[0].tokens.tolist()
+
+
+@pytest.mark.parametrize("temperature, top_p, top_k", [(1.0, 1.0, 0), (0.7, 0.8, 0), (1.0, 1.0, 3)])
+def test_speculative_accept_keeps_the_target_distribution(temperature, top_p, top_k):
+    """Drafts from q, kept or replaced by speculative_accept: the tokens follow p (20k draws), the
+    acceptance rate is Σ min(p, q), and the recorded log-probability is log p(token)."""
+    rng = np.random.default_rng(5)
+    target = jnp.asarray(rng.normal(size=(1, 6)) * 1.5, jnp.float32)
+    draft = jnp.asarray(rng.normal(size=(1, 6)) * 1.5, jnp.float32)
+    options = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
+    n = 20000
+
+    @jax.jit
+    def one(key):
+        draft_key, accept_key = jax.random.split(key)
+        d = sample(draft, draft_key[None], **options).tokens
+        token, accepted = speculative_accept(target, draft, d, accept_key[None], **options)
+        return token.tokens[0], token.logprobs[0], accepted[0]
+
+    tokens, logprobs, accepted = jax.vmap(one)(jax.random.split(jax.random.key(2), n))
+    p = np.exp(np.asarray(log_policy(target, **options))[0])
+    q = np.exp(np.asarray(log_policy(draft, **options))[0])
+    freq = np.bincount(np.asarray(tokens), minlength=6) / n
+    np.testing.assert_allclose(freq, p, atol=0.015)
+    assert abs(float(np.mean(accepted)) - np.minimum(p, q).sum()) < 0.015
+    np.testing.assert_allclose(np.asarray(logprobs), np.log(p[np.asarray(tokens)]), rtol=1e-5)
+
+
 def test_bad_inputs_raise(model):
     cfg, params, prompts = model
     for bad, match in [({"prompts": [[]]}, "prompts"), ({"prompts": [[cfg.vocab_size]]}, "prompts"),
                        ({"top_p": 0.0}, "top_p"), ({"temperature": -1.0}, "temperature"),
                        ({"max_new_tokens": 0}, "max_new_tokens"), ({"stop": [[]]}, "stop"),
-                       ({"max_new_tokens": cfg.max_position_embeddings}, "max_position_embeddings")]:
-        kwargs = {"prompts": prompts, "max_new_tokens": 4, **bad}
+                       ({"max_new_tokens": cfg.max_position_embeddings}, "max_position_embeddings"),
+                       ({"speculative": True, "cfg": cfg.replace(num_nextn_predict_layers=0)}, "speculative"),
+                       ({"seed": [1, 2, 3]}, "seed")]:
+        kwargs = {"cfg": cfg, "prompts": prompts, "max_new_tokens": 4, **bad}
         with pytest.raises(ValueError, match=match):
-            generate(params, cfg, **kwargs)
+            generate(params, **kwargs)
