@@ -56,6 +56,8 @@ _HEADS = flags.DEFINE_integer("heads", 32, "num_attention_heads")
 _KV_RANK = flags.DEFINE_integer("kv_lora_rank", 256, "kv_lora_rank (latent C)")
 _INDEX_HEADS = flags.DEFINE_integer("index_heads", 16, "index_n_heads")
 _EXPERTS = flags.DEFINE_integer("experts", 8, "n_routed_experts (n_group 4, topk_group 2, 2 per token)")
+_ROPE_DIM = flags.DEFINE_integer("rope_dim", None, "qk_rope_head_dim (default: the preset's)")
+_INDEX_DIM = flags.DEFINE_integer("index_dim", None, "index_head_dim (default: the preset's)")
 _TOPK = flags.DEFINE_integer("topk", 512, "index_topk")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute and param dtype")
 _CONTEXTS = flags.DEFINE_list("contexts", ["1024", "2048", "4096", "8192", "16384", "32768"], "cached tokens C")
@@ -111,12 +113,14 @@ def _slope_ms_per_1k(contexts, ms):
 
 
 def bench_contexts():
+    dims = {name: flag.value for name, flag in (("qk_rope_head_dim", _ROPE_DIM), ("index_head_dim", _INDEX_DIM))
+            if flag.value is not None}
     cfg = ModelConfig.preset(_PRESET.value, num_hidden_layers=_LAYERS.value, first_k_dense_replace=1,
                              num_attention_heads=_HEADS.value, kv_lora_rank=_KV_RANK.value,
                              index_n_heads=_INDEX_HEADS.value, index_topk=_TOPK.value, num_nextn_predict_layers=0,
                              n_routed_experts=_EXPERTS.value, n_group=4, topk_group=2, num_experts_per_tok=2,
                              dtype=_DTYPE.value, param_dtype=_DTYPE.value,
-                             max_position_embeddings=max(int(c) for c in _CONTEXTS.value) + 1024)
+                             max_position_embeddings=max(int(c) for c in _CONTEXTS.value) + 1024, **dims)
     per_key_dense = cfg.num_attention_heads * (2 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + 2 * cfg.kv_lora_rank)
     per_key_index = cfg.index_n_heads * 2 * cfg.index_head_dim
     print(f"decode vs context: preset={_PRESET.value} layers={cfg.num_hidden_layers} heads={cfg.num_attention_heads} "
