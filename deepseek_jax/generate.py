@@ -13,6 +13,9 @@ Routing): `routes` [L, P + N - 1, K] covers the prompt and every generated token
 i.e. exactly the inputs whose logits produced the N new tokens; `forward(params,
 prompt + tokens[:-1], cfg, routes=routes[:, None])` reproduces the sampler's logits.
 
+With `speculative=True` the first MTP layer drafts a token and each step verifies it
+(speculative.py): one or two tokens per step, the same greedy output, and an acceptance rate.
+
 Sampling keys: sequence i draws its j-th token with fold_in(k_i, j), k_i = key(seed[i]) for a list
 of per-prompt seeds, else fold_in(key(seed), i); with per-prompt seeds a sequence's samples do not
 depend on the rest of the batch.
