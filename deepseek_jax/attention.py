@@ -8,13 +8,20 @@ sparse: absorbed MQA mode + DSA. The indexer picks `index_topk` keys per query; 
         [c_kv ; k_rope], values = c_kv; the 512-d result is expanded by W_UV. Memory O(T·k).
 auto  : sparse when T > index_topk, else dense (identical there: top-k keeps every key).
 
+With a cache (`cached_mla_attention`, decode and speculative verification) the T new queries
+attend, in absorbed mode, over the cached rows of their sequence up to their own position:
+sparse picks the indexer's top-k of the cached keys (every key while a sequence holds at most
+index_topk of them, which equals dense); dense attends over every cached row (V3.1-style decode,
+for comparison).
+
 Legend: B batch, T queries, S keys, H heads, N nope dim, R rope dim, C latent rank, V v dim,
-K index top-k.
+K index top-k, D = C + R.
 """
 
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax import cache as cache_lib
 from pallas_kernels import ops
 
 MODES = ("auto", "dense", "sparse")
@@ -42,16 +49,26 @@ def dense_mha(q_nope, q_rope, c_kv, k_rope, kv_b, *, scale, nope_dim):
     return jnp.einsum("BHTS,BSHV->BTHV", p.astype(dtype), v, preferred_element_type=jnp.float32).astype(dtype)
 
 
+def _absorb_query(q_nope, q_rope, kv_b, nope_dim):
+    """q̂ = [W_UKᵀ q_nope ; q_rope] [B, T, H, C + R], the 576-d absorbed query."""
+    dtype = q_nope.dtype
+    w_uk = kv_b.astype(dtype)[..., :nope_dim]
+    q_abs = jnp.einsum("BTHN,CHN->BTHC", q_nope, w_uk, preferred_element_type=jnp.float32).astype(dtype)
+    return jnp.concatenate([q_abs, q_rope.astype(dtype)], axis=-1)
+
+
+def _expand_values(o_latent, kv_b, nope_dim):
+    """Per-head values from the attended latent: W_UV ô [B, T, H, V]."""
+    w_uv = kv_b.astype(o_latent.dtype)[..., nope_dim:]
+    return jnp.einsum("BTHC,CHV->BTHV", o_latent, w_uv, preferred_element_type=jnp.float32).astype(o_latent.dtype)
+
+
 def sparse_mla_absorbed(q_nope, q_rope, c_kv, k_rope, kv_b, indices, *, scale, nope_dim, chunk_size, impl="auto"):
     """Absorbed-mode attention over the selected rows; -> [B, T, H, V]."""
-    dtype = q_nope.dtype
-    kv_b = kv_b.astype(dtype)
-    w_uk, w_uv = kv_b[..., :nope_dim], kv_b[..., nope_dim:]
-    q_abs = jnp.einsum("BTHN,CHN->BTHC", q_nope, w_uk, preferred_element_type=jnp.float32).astype(dtype)
-    q = jnp.concatenate([q_abs, q_rope.astype(dtype)], axis=-1)
-    kv = jnp.concatenate([c_kv, k_rope.astype(dtype)], axis=-1)
+    q = _absorb_query(q_nope, q_rope, kv_b, nope_dim)
+    kv = jnp.concatenate([c_kv, k_rope.astype(c_kv.dtype)], axis=-1)
     o_latent = ops.sparse_mla(q, kv, indices, scale=scale, v_dim=c_kv.shape[-1], chunk_size=chunk_size, impl=impl)
-    return jnp.einsum("BTHC,CHV->BTHV", o_latent, w_uv, preferred_element_type=jnp.float32).astype(dtype)
+    return _expand_values(o_latent, kv_b, nope_dim)
 
 
 def mla_attention(q_nope, q_rope, c_kv, k_rope, kv_b, index_inputs, *, cfg, mode="auto"):
@@ -66,3 +83,44 @@ def mla_attention(q_nope, q_rope, c_kv, k_rope, kv_b, index_inputs, *, cfg, mode
     out = sparse_mla_absorbed(q_nope, q_rope, c_kv, k_rope, kv_b, indices, scale=scale, nope_dim=nope,
                               chunk_size=cfg.attention_chunk_size, impl=cfg.attention_impl)
     return out, indices
+
+
+def cached_mla_attention(q_nope, q_rope, kv_b, index_q, index_w, group, layer, start, *, cfg, mode):
+    """Queries at positions start[b] + t over the cache rows already written for them (cache.py).
+
+    q_nope/q_rope [B,T,H,N|R]; index_q [B,T,H_I,I] and index_w [B,T,H_I] from the indexer; the
+    cached group and this layer's index in it; start [B]. Query t sees rows s <= start[b] + t.
+    Returns (attention output [B, T, H, V], indices [B, T, K] or None when dense).
+    """
+    if mode not in ("sparse", "dense"):
+        raise ValueError(f"cached attention mode: expected 'sparse' or 'dense', got {mode!r}")
+    t = q_nope.shape[1]
+    nope, c = cfg.qk_nope_head_dim, cfg.kv_lora_rank
+    q = _absorb_query(q_nope, q_rope, kv_b, nope)
+    limit = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :] + 1  # [B, T] rows visible to each query
+    if mode == "dense":
+        kv = cache_lib.layer_kv(group, layer)
+        s = jnp.einsum("BTHD,BSD->BTHS", q, kv, preferred_element_type=jnp.float32) * cfg.softmax_scale
+        visible = jnp.arange(kv.shape[1])[None, None, :] < limit[:, :, None]
+        p = jax.nn.softmax(jnp.where(visible[:, :, None, :], s, -jnp.inf), axis=-1)
+        o_latent = jnp.einsum("BTHS,BSC->BTHC", p.astype(q.dtype), kv[..., :c],
+                              preferred_element_type=jnp.float32).astype(q.dtype)
+        return _expand_values(o_latent, kv_b, nope), None
+
+    # One indexer call per query: each has its own key limit (start[b] + t + 1); T is 1 in decode
+    # and 1 + drafts in speculative verification. q_offset = S - 1 lifts the causal bound so k_len rules.
+    index_k, index_k_scale = cache_lib.layer_index_keys(group, layer)
+    s_max = index_k.shape[1]
+    indices = jnp.concatenate([
+        ops.indexer_topk(index_q[:, i:i + 1], index_k, index_w[:, i:i + 1], k_scale=index_k_scale,
+                         topk=cfg.index_topk, q_offset=s_max - 1, k_len=limit[:, i],
+                         chunk_size=cfg.attention_chunk_size, impl=cfg.attention_impl)
+        for i in range(t)], axis=1)  # [B, T, K]
+    # Gather the selected rows out of the stacked cache (no copy of the layer), then attend over
+    # them: query t's rows sit at t·K .. t·K + K - 1 of the gathered block.
+    k = indices.shape[-1]
+    rows = cache_lib.gather_kv(group, layer, indices).reshape(q.shape[0], t * k, -1)
+    local = jnp.where(indices >= 0, jnp.arange(t, dtype=jnp.int32)[:, None] * k + jnp.arange(k, dtype=jnp.int32), -1)
+    o_latent = ops.sparse_mla(q, rows, local, scale=cfg.softmax_scale, v_dim=c,
+                              chunk_size=cfg.attention_chunk_size, impl=cfg.attention_impl)
+    return _expand_values(o_latent, kv_b, nope), indices

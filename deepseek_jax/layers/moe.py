@@ -6,8 +6,10 @@ score = sum of the top-2 biased scores, keep `topk_group` groups, then the top-k
 The *weights* are the unbiased s of those experts, normalised to sum 1, × routed_scaling_factor.
 Dispatch (`sharding.moe_parallel.dispatch`) is dropless on one device; with an expert mesh axis
 it is expert-parallel with a fixed capacity whose overflow is counted.
-Also returns per-expert token counts (for the bias update) and the sequence-wise balance
-statistic Σ_i f_i P_i (spec §5), averaged over sequences.
+Also returns per-expert token counts (for the bias update), the sequence-wise balance
+statistic Σ_i f_i P_i (spec §5), averaged over sequences, and the chosen experts.
+Keep Routing (spec §8): given forced `routes`, the experts are those and their weights are
+recomputed from the current gate scores, so a training forward reproduces a sampler's routing.
 
 Legend: B batch, T tokens, N = B·T, D model dim, E experts, F expert inner dim, K experts/token.
 """
@@ -34,20 +36,25 @@ def route(scores, bias, *, n_group, topk_group, top_k, scaling):
         group_mask = jnp.zeros((n, n_group), bool).at[jnp.arange(n)[:, None], kept].set(True)
         biased = jnp.where(group_mask[:, :, None], grouped, -jnp.inf).reshape(n, e)
     _, experts = jax.lax.top_k(biased, top_k)
+    return expert_weights(scores, experts, scaling), experts.astype(jnp.int32)
+
+
+def expert_weights(scores, experts, scaling):
+    """Unbiased scores of the chosen experts [N, K], normalised to sum 1, × scaling (float32)."""
     weights = jnp.take_along_axis(scores, experts, axis=-1)
-    weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20) * scaling
-    return weights, experts.astype(jnp.int32)
+    return weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20) * scaling
 
 
 class MoE(nn.Module):
     cfg: Any
 
     @nn.compact
-    def __call__(self, x):
-        """x [B, T, D] -> (y [B, T, D], aux).
+    def __call__(self, x, routes=None):
+        """x [B, T, D], optional forced routes [B, T, K] int32 -> (y [B, T, D], aux).
 
-        aux: "expert_load" [E] int32, "balance" scalar f32, "dropped_tokens" int32 (token copies
-        past the expert-parallel capacity; always 0 on one device or when the capacity factor <= 0).
+        aux: "expert_load" [E] int32, "balance" scalar f32, "routes" experts chosen [B, T, K]
+        int32, "dropped_tokens" int32 (token copies past the expert-parallel capacity; always 0
+        on one device or when the capacity factor <= 0).
         """
         cfg = self.cfg
         b, t, d = x.shape
@@ -67,9 +74,15 @@ class MoE(nn.Module):
         tokens = x.reshape(b * t, d)
         scores = jax.nn.sigmoid(jnp.einsum("ND,DE->NE", tokens.astype(jnp.float32), gate,
                                            precision=jax.lax.Precision.HIGHEST))
-        weights, experts = route(scores, jax.lax.stop_gradient(bias), n_group=cfg.n_group,
-                                 topk_group=cfg.topk_group, top_k=cfg.num_experts_per_tok,
-                                 scaling=cfg.routed_scaling_factor)
+        if routes is None:
+            weights, experts = route(scores, jax.lax.stop_gradient(bias), n_group=cfg.n_group,
+                                     topk_group=cfg.topk_group, top_k=cfg.num_experts_per_tok,
+                                     scaling=cfg.routed_scaling_factor)
+        else:
+            if routes.shape != (b, t, cfg.num_experts_per_tok):
+                raise ValueError(f"MoE routes: expected [B, T, K] = {(b, t, cfg.num_experts_per_tok)}, got {routes.shape}")
+            experts = routes.reshape(b * t, -1).astype(jnp.int32)
+            weights = expert_weights(scores, experts, cfg.routed_scaling_factor)
         y, dropped = moe_parallel.dispatch(tokens, experts, weights, w_gate, w_up, w_down,
                                            capacity_factor=cfg.moe_capacity_factor)
         y = y.reshape(b, t, d)
@@ -80,5 +93,5 @@ class MoE(nn.Module):
         frac = chosen.mean(1) * (e / cfg.num_experts_per_tok)                     # f_i per sequence
         prob = (scores / jnp.sum(scores, -1, keepdims=True)).reshape(b, t, e).mean(1)  # P_i per sequence
         aux = {"expert_load": chosen.sum((0, 1)).astype(jnp.int32), "balance": jnp.mean(jnp.sum(frac * prob, -1)),
-               "dropped_tokens": dropped}
+               "routes": experts.reshape(b, t, -1), "dropped_tokens": dropped}
         return y, aux
