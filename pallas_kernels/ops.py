@@ -18,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.indexer import mosaic as indexer_mosaic
 from pallas_kernels.indexer import triton as indexer_triton
@@ -64,10 +65,34 @@ def indexer_topk(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, impl="a
     # Indices carry no gradient; stopping it here keeps autodiff out of the kernel.
     q, k, w = jax.lax.stop_gradient((q, k, w))
     if kernel is not None and q.dtype != jnp.float8_e4m3fn:
-        topk_fn = indexer_mosaic.indexer_topk_mosaic if kernel == "mosaic" else indexer_triton.indexer_topk_triton
-        return topk_fn(q, k, w, topk=topk, k_scale=k_scale, q_offset=q_offset, k_len=k_len, interpret=interpret)
+        return _indexer_kernel(q, k, w, k_scale, k_len, q_offset, topk, kernel, interpret)
     return indexer_topk_reference(q, k, w, topk=topk, k_scale=k_scale, q_offset=q_offset, k_len=k_len,
                                   chunk_size=chunk_size, key_block=key_block)
+
+
+# The kernel sits behind a custom_vjp (with a zero backward: indices carry no gradient) because
+# a bare pallas_call is never dead-code eliminated, and Flax's nn.scan then refuses it inside the
+# layer scan ("broadcasted variable has a data dependency on the scan body").
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _indexer_kernel(q, k, w, k_scale, k_len, q_offset, topk, kernel, interpret):
+    topk_fn = indexer_mosaic.indexer_topk_mosaic if kernel == "mosaic" else indexer_triton.indexer_topk_triton
+    return topk_fn(q, k, w, topk=topk, k_scale=k_scale, q_offset=q_offset, k_len=k_len, interpret=interpret)
+
+
+def _indexer_kernel_fwd(q, k, w, k_scale, k_len, q_offset, topk, kernel, interpret):
+    primals = (q, k, w, k_scale, k_len)
+    return _indexer_kernel(*primals, q_offset, topk, kernel, interpret), primals
+
+
+def _indexer_kernel_bwd(q_offset, topk, kernel, interpret, primals, _):
+    def zero(x):
+        if x is None:
+            return None
+        return jnp.zeros_like(x) if jnp.issubdtype(x.dtype, jnp.inexact) else np.zeros(x.shape, jax.dtypes.float0)
+    return tuple(zero(x) for x in primals)
+
+
+_indexer_kernel.defvjp(_indexer_kernel_fwd, _indexer_kernel_bwd)
 
 
 def sparse_mla(q, kv, indices, *, scale, v_dim=512, impl="auto", interpret=False, chunk_size=256):
