@@ -32,7 +32,7 @@ def _stack(cfg, n, moe, mode, return_indices, name):
     if cfg.remat != "none":
         # Inside a scan the loop already keeps XLA from merging recomputation away (no CSE guard).
         block = nn.remat(Block, policy=_REMAT[cfg.remat], prevent_cse=False, static_argnums=())
-    scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+    scanned = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast), length=n,
                       metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(cfg, moe=moe, attention_mode=mode, return_indices=return_indices, name=name)
