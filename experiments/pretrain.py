@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from deepseek_jax.checkpoint.orbax import CheckpointManager
@@ -86,15 +86,17 @@ def sample(params, cfg, tokenizer, prompt: str, n_tokens: int, temperature: floa
     return tokenizer.decode(buffer[0, len(ids):].tolist())
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, batches=None, progress: bool = True) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, *, batches=None, devices=None,
+        progress: bool = True) -> dict:
     """Trains until `config.steps` (resuming from `workdir`) -> summary dict.
 
     `batches` (tests) replaces the data iterator; it must expose `state` like `data.PackedBatches`.
+    `devices` (default: all) are the devices the mesh spans.
     """
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     cfg = model_config(config)
-    mesh, rules = make_mesh(config.mesh), rules_lib.preset(config.rules)
+    mesh, rules = make_mesh(config.mesh, devices), rules_lib.preset(config.rules)
     lc = train_step.LossConfig(dsa_stage=config.dsa_stage, mtp_weight=config.mtp_weight,
                                balance_weight=config.balance_weight, indexer_weight=config.indexer_weight,
                                bias_update_rate=config.bias_update_rate, indexer_recall=config.indexer_recall)
@@ -188,6 +190,7 @@ def tx_lr(config, step: int) -> float:
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     initialize()
     config = _CONFIG.value
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; mesh {config.mesh}; "

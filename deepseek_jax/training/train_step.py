@@ -5,7 +5,8 @@ loss = LM cross-entropy + MTP (λ, spec §6) + sequence-wise balance (α, spec �
 In the dense warm-up only the indexer KL is differentiated (everything else is frozen; the LM
 terms are still reported). Micro-batches ([A, B, T] inputs, scanned) are weighted by their real
 token counts, so the step equals one step on the whole batch. After the update each MoE
-layer's selection bias moves by b += γ · sign(mean load − load) (spec §5), outside the gradient.
+layer's selection bias moves by b += γ · sign(mean load − load) (spec §5), outside the gradient
+(not in the dense warm-up, which freezes all but the indexers).
 
 The step is `jax.jit`-ed with explicit in/out shardings on a mesh (`sharding.rules` place the
 params by their logical axes; the optimizer state follows the params; the batch is split on
@@ -111,7 +112,9 @@ def train_step(state, batch, *, cfg, lc: LossConfig, tx):
     params = state["params"]
     grads, parts, load = accumulated_grads(params, batch, cfg=cfg, lc=lc)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    params = update_gate_bias(optax.apply_updates(params, updates), load, lc.bias_update_rate)
+    params = optax.apply_updates(params, updates)
+    if lc.dsa_stage != "dense_warmup":  # the warm-up freezes everything but the indexers, the bias too
+        params = update_gate_bias(params, load, lc.bias_update_rate)
     labels = param_labels(params, lc.dsa_stage)
     metrics = dict(parts, grad_norm=_group_norm(grads, labels, "main"),
                    indexer_grad_norm=_group_norm(grads, labels, "indexer"))
