@@ -96,3 +96,24 @@ def test_bias_update_direction():
     np.testing.assert_allclose(new["moe_layers"]["mlp"]["gate_bias"],
                                [[-0.01, 0.01, 0.0, 0.0], [0.01, 0.01, 0.0, -0.01]])
     np.testing.assert_array_equal(new["moe_layers"]["mlp"]["gate"], params["moe_layers"]["mlp"]["gate"])
+
+
+@pytest.mark.slow
+def test_sharded_step_equals_one_device(setup):
+    """The same step on a 4-way data-parallel mesh (the batch split) and on one device (LM losses,
+    dense path: the sharded compile is the slow part, so the cheapest stage)."""
+    params, batch = setup
+    batch = {k: v.reshape(1, 4, -1)[..., :16] for k, v in batch.items()}  # 4 sequences: one per device
+    tx = make_optimizer(stage="off", learning_rate=1e-2, indexer_learning_rate=1e-2, warmup_steps=0,
+                        total_steps=10)
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()[:4]):
+        mesh = make_mesh(f"data={len(devices)}", devices=devices)
+        step = ts.make_train_step(CFG, ts.LossConfig(dsa_stage="off"), tx, mesh, rules.preset("dp"), (1, 4, 16))
+        state, metrics = step({"params": jax.tree.map(jnp.copy, params), "opt_state": tx.init(params)}, batch)
+        results.append(jax.device_get((state["params"], metrics)))
+    (p1, m1), (p4, m4) = results
+    for key in ("loss", "lm_loss", "mtp_loss", "grad_norm"):
+        np.testing.assert_allclose(m4[key], m1[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    for a, b in zip(jax.tree.leaves(p4), jax.tree.leaves(p1), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # Adam steps of ~lr = 1e-2
