@@ -43,7 +43,7 @@ def _stack(cfg, n, moe, mode, return_indices, return_routes, name):
         # Inside a scan the loop already keeps XLA from merging recomputation away (no CSE guard).
         block = nn.remat(Block, policy=_REMAT[cfg.remat], prevent_cse=False)
     # Block(carry, cos, sin, start, routes): routes are per layer, the rest is shared.
-    scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+    scanned = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=n,
                       metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(cfg, moe=moe, attention_mode=mode, return_indices=return_indices, return_routes=return_routes,

@@ -69,6 +69,9 @@ class MLA(nn.Module):
         else:
             o, indices = attention.cached_mla_attention(q_nope, q_rope, kv_b, index_q, index_w, cache, layer, start,
                                                         cfg=cfg, mode=self.attention_mode)
+        # DSA training (deepseek_jax/training/dsa.py) reads these; a no-op unless "intermediates" is mutable.
+        self.sow("intermediates", "dsa", dict(x=x, q_latent=q_latent, q_nope=q_nope, q_rope=q_rope, c_kv=c_kv,
+                                              k_rope=k_rope, kv_b=kv_b, indices=indices))
         out = Einsum((h, cfg.v_head_dim, cfg.hidden_size), ("heads", "v_head_dim", "embed"), dtype, pdtype, std,
                      n_in=2, fp8=fp8, name="o_proj")("BTHV,HVD->BTD", o)
         return out, indices, cache

@@ -1,0 +1,149 @@
+"""Pretraining data: corpus, tokenizer, packing and a resumable deterministic batch iterator.
+
+- Corpus: user files (`.txt`/`.md`/`.py`... as one document each, `.jsonl` with a "text" field
+  per line, directories walked in sorted order), or, when none is given, the embedded default:
+  the Python standard library's own top-level `.py` sources (in sorted order), present offline
+  on every machine that runs this code. It is deterministic per Python version.
+- Tokenizer (`tokenizers`): a `tokenizer.json`, or a byte-level BPE trained on the corpus with
+  DeepSeek's BOS/EOS as ids 0 and 1 (the model's `bos_token_id` / `eos_token_id`).
+- Packing: documents joined into one stream, each followed by EOS; the stream is cut into
+  windows of seq_len + 1 tokens (inputs = window[:-1], targets = window[1:]), every token real.
+- Iterator: windows in a fresh seeded permutation each epoch; its whole state is a small JSON
+  dict (`state`), saved with each checkpoint, so a resumed run reads exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sysconfig
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from deepseek_jax.chat.markup import BOS, EOS
+
+_JSONL = (".jsonl",)
+
+
+def default_corpus_files() -> list[str]:
+    """The embedded corpus: the standard library's top-level `.py` files, sorted."""
+    return sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+
+
+def _files(paths: str) -> list[str]:
+    files = []
+    for path in filter(None, (p.strip() for p in paths.split(","))):
+        if os.path.isdir(path):
+            files += sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise ValueError(f"data: no file or directory at {path!r}")
+    return files
+
+
+def load_documents(paths: str = "", max_bytes: int = 0) -> list[str]:
+    """Documents from comma-separated files/directories (empty: the embedded corpus), in a
+    fixed order, stopping once `max_bytes` (> 0) of text is read."""
+    files = _files(paths) if paths else default_corpus_files()
+    docs, total = [], 0
+    for path in files:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            if path.endswith(_JSONL):
+                texts = []
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        record = json.loads(line)
+                        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                            raise ValueError(f"data: {path}:{n}: expected a JSON object with a string 'text'")
+                        texts.append(record["text"])
+            else:
+                texts = [f.read()]
+        for text in texts:
+            if text:
+                docs.append(text)
+                total += len(text.encode("utf-8"))
+            if max_bytes > 0 and total >= max_bytes:
+                return docs
+    if not docs:
+        raise ValueError(f"data: no text found in {paths or 'the embedded corpus'}")
+    return docs
+
+
+def train_tokenizer(docs: list[str], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE of `vocab_size` tokens (ids 0, 1 = BOS, EOS) trained on `docs`."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + 2:
+        raise ValueError(f"train_tokenizer: vocab_size: expected >= {len(alphabet) + 2} (bytes + BOS/EOS), "
+                         f"got {vocab_size}")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS], initial_alphabet=alphabet,
+                                  show_progress=False)
+    tokenizer.train_from_iterator(docs, trainer)
+    return tokenizer
+
+
+def load_tokenizer(path: str, vocab_size: int) -> Tokenizer:
+    tokenizer = Tokenizer.from_file(path)
+    if tokenizer.get_vocab_size() > vocab_size:
+        raise ValueError(f"tokenizer {path}: {tokenizer.get_vocab_size()} tokens exceed the model's "
+                         f"vocab_size {vocab_size}")
+    return tokenizer
+
+
+def eos_id(tokenizer: Tokenizer) -> int:
+    eos = tokenizer.token_to_id(EOS)
+    if eos is None:
+        raise ValueError(f"tokenizer: no EOS token {EOS!r}")
+    return eos
+
+
+def pack(tokenizer: Tokenizer, docs: list[str]) -> np.ndarray:
+    """One int32 token stream: every document's ids followed by EOS."""
+    eos = eos_id(tokenizer)
+    ids = [np.asarray(enc.ids + [eos], np.int32) for enc in tokenizer.encode_batch(docs, add_special_tokens=False)]
+    return np.concatenate(ids)
+
+
+class PackedBatches:
+    """Deterministic batches {"inputs", "targets", "mask"} of shape [accum, batch, seq_len] from a
+    packed stream. `state` (JSON) is where it stands; passing it back resumes exactly there."""
+
+    def __init__(self, stream: np.ndarray, *, seq_len: int, batch_size: int, accum_steps: int = 1,
+                 seed: int = 0, state: dict | None = None):
+        self.stream, self.seq_len = np.asarray(stream, np.int32), seq_len
+        self.shape = (accum_steps, batch_size)
+        self.num_windows = (len(self.stream) - 1) // seq_len
+        if self.num_windows < batch_size * accum_steps:
+            raise ValueError(f"data: {len(self.stream)} tokens make {self.num_windows} windows of {seq_len + 1}, "
+                             f"fewer than one batch ({accum_steps} x {batch_size})")
+        fresh = {"seed": seed, "epoch": 0, "position": 0, "num_windows": self.num_windows}
+        if state is not None and (state.get("num_windows") != self.num_windows or state.get("seed") != seed):
+            raise ValueError(f"data: saved iterator state {state} does not match this corpus/seed "
+                             f"(num_windows={self.num_windows}, seed={seed})")
+        self.state = dict(state or fresh)
+        self._order = None
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.state["seed"], epoch]).permutation(self.num_windows))
+        return self._order[1]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        picks = []
+        for _ in range(self.shape[0] * self.shape[1]):
+            if self.state["position"] == self.num_windows:
+                self.state.update(epoch=self.state["epoch"] + 1, position=0)
+            picks.append(self._epoch_order(self.state["epoch"])[self.state["position"]])
+            self.state["position"] += 1
+        starts = np.asarray(picks) * self.seq_len
+        windows = self.stream[starts[:, None] + np.arange(self.seq_len + 1)].reshape(*self.shape, self.seq_len + 1)
+        return {"inputs": windows[..., :-1], "targets": windows[..., 1:],
+                "mask": np.ones(windows[..., 1:].shape, np.float32)}

@@ -1,0 +1,47 @@
+"""Defaults every preset config starts from (`experiments/pretrain.py` documents the fields)."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # Model: a ModelConfig preset; the other keys override its fields.
+    c.model = ml_collections.ConfigDict({"preset": "tiny", "vocab_size": 1024, "dtype": "float32", "remat": "none",
+                                         "attention_impl": "auto"})
+    # Run
+    c.steps = 200
+    c.batch_size = 8              # sequences per micro-batch (global, over every device)
+    c.grad_accum_steps = 1        # micro-batches per optimizer step
+    c.seq_len = 64
+    c.seed = 0
+    c.log_every = 10
+    c.checkpoint_every = 50
+    c.keep_checkpoints = 3
+    c.mesh = "data=-1"            # sharding.mesh spec
+    c.rules = "dp"                # sharding.rules preset: dp | fsdp | fsdp_ep | tp_ep
+    # Optimizer: AdamW, linear warm-up then cosine decay to min_lr_ratio · peak
+    c.learning_rate = 3e-3
+    c.indexer_learning_rate = 3e-3
+    c.warmup_steps = 20
+    c.min_lr_ratio = 0.1
+    c.weight_decay = 0.1
+    c.grad_clip = 1.0
+    c.indexer_grad_clip = 1.0
+    # Losses (spec §4-§6)
+    c.dsa_stage = "sparse"        # dense_warmup | sparse | off
+    c.mtp_weight = 0.3            # λ
+    c.balance_weight = 1e-4       # α
+    c.indexer_weight = 1.0        # KL coefficient
+    c.bias_update_rate = 1e-3     # γ
+    c.indexer_recall = True
+    c.init_from = ""              # a workdir (or its checkpoints/ dir) whose latest params start this run
+    # Data: comma-separated text/jsonl files or directories; empty = the embedded corpus
+    c.data = ""
+    c.data_max_bytes = 0          # stop reading the corpus after this many bytes (0: all)
+    c.tokenizer = ""              # a tokenizer.json; empty = train a byte-level BPE (saved in the workdir)
+    # Sampling at the end of the run
+    c.sample_prompt = "import os\n\n\ndef"  # no trailing space: byte-level BPE glues spaces to the next word
+    c.sample_tokens = 48
+    c.sample_temperature = 0.0    # 0 = greedy
+    c.peak_tflops = 0.0           # per device, for MFU; 0 = known accelerators only
+    return c

@@ -1,0 +1,117 @@
+"""The pretraining loop: loss falls on the embedded corpus, preemption + resume equals an
+uninterrupted run, a NaN stops the run with the last good checkpoint intact, metrics files."""
+
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from deepseek_jax.checkpoint.orbax import CheckpointManager
+from deepseek_jax.params import abstract_params
+from experiments import pretrain
+from experiments.configs import tiny
+
+ONE_DEVICE = jax.devices()[:1]
+
+
+def _config(**changes):
+    c = tiny.get_config()
+    c.model.vocab_size = 300
+    c.update(steps=30, batch_size=4, seq_len=32, data_max_bytes=100_000, log_every=1, checkpoint_every=10,
+             warmup_steps=3, mesh="data=1", indexer_recall=False)
+    c.update(**changes)
+    return c
+
+
+class _Batches:
+    """Wraps the real iterator; calls `hook(n)` after handing out batch n (1-based)."""
+
+    def __init__(self, inner, hook):
+        self.inner, self.hook, self.n = inner, hook, 0
+
+    @property
+    def state(self):
+        return self.inner.state
+
+    def __next__(self):
+        batch = next(self.inner)
+        self.n += 1
+        return self.hook(self.n, batch)
+
+
+def _iterator(config, workdir, state=None):
+    cfg = pretrain.model_config(config)
+    _, stream = pretrain.load_tokenizer_and_stream(config, workdir, cfg)
+    from deepseek_jax.training.data import PackedBatches
+    return PackedBatches(stream, seq_len=config.seq_len, batch_size=config.batch_size,
+                         accum_steps=config.grad_accum_steps, seed=config.seed, state=state)
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("full"))
+    return workdir, pretrain.run(_config(), workdir, devices=ONE_DEVICE, progress=False)
+
+
+def test_loss_falls_and_files(uninterrupted):
+    workdir, summary = uninterrupted
+    losses = [r["lm_loss"] for r in summary["history"]]
+    assert summary["step"] == 30 and len(losses) == 30
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5, losses
+    record = summary["history"][-1]
+    for key in ("step", "loss", "lm_loss", "mtp_loss", "balance_loss", "indexer_kl", "grad_norm",
+                "indexer_grad_norm", "expert_load_max_over_mean", "tokens_per_s", "tflops_per_s"):
+        assert key in record
+    assert len(_losses(workdir)) == 30
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    assert os.path.isfile(os.path.join(workdir, "tokenizer.json"))
+
+
+def test_preempt_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
+    """SIGTERM after step 11 saves step 11; rerunning resumes there with the same batches."""
+    full_dir, full = uninterrupted
+    workdir = str(tmp_path)
+    config = _config()
+
+    def preempt(n, batch):
+        if n == 11:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return batch
+    first = pretrain.run(config, workdir, batches=_Batches(_iterator(config, workdir), preempt),
+                         devices=ONE_DEVICE, progress=False)
+    assert first["preempted"] and first["step"] == 11
+    second = pretrain.run(config, workdir, devices=ONE_DEVICE, progress=False)
+    assert second["start_step"] == 11 and second["step"] == 30
+    got, want = _losses(workdir), _losses(full_dir)
+    assert sorted(got) == sorted(want)
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=0, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(second["state"]["params"]), jax.tree.leaves(full["state"]["params"]),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
+    workdir = str(tmp_path)
+    config = _config()
+
+    def poison(n, batch):
+        if n == 13:
+            batch = dict(batch, mask=np.full_like(batch["mask"], np.nan))
+        return batch
+    with pytest.raises(pretrain.NonFiniteLossError, match="step 13: non-finite loss"):
+        pretrain.run(config, workdir, batches=_Batches(_iterator(config, workdir), poison), devices=ONE_DEVICE,
+                     progress=False)
+    cfg = pretrain.model_config(config)
+    with CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
+        assert manager.all_steps()[-1] == 10
+        restored = manager.restore(params_target=abstract_params(cfg))
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(restored["params"]))
+    assert restored["data_state"]["position"] == 10 * config.batch_size
