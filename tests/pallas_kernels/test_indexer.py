@@ -18,6 +18,16 @@ def same_selection(got, want, q, k, w, k_scale):
     return np.allclose(np.sort(pick(got), -1), np.sort(pick(want), -1), rtol=1e-5) and np.array_equal(got < 0, want < 0)
 
 
+def random_inputs(b, t, s, h, d, k_len, dtype):
+    """Random indexer inputs (seeded by T): q, k in `dtype`, f32 head weights and key scales, k_len."""
+    rng = np.random.default_rng(t)
+    q = jnp.asarray(rng.normal(size=(b, t, h, d)), dtype)
+    k = jnp.asarray(rng.normal(size=(b, s, d)), dtype)
+    w = jnp.asarray(rng.normal(size=(b, t, h)), jnp.float32)
+    k_scale = jnp.asarray(rng.uniform(0.5, 2, size=(b, s)), jnp.float32)
+    return q, k, w, k_scale, None if k_len is None else jnp.asarray(k_len)
+
+
 @pytest.mark.parametrize("b, t, s, h, d, topk, q_offset, k_len, chunk", [
     (2, 19, 19, 5, 24, 5, 0, None, 8),        # odd T, chunk not dividing T
     (2, 13, 22, 8, 32, 8, 9, [22, 11], 16),   # decode-style offset, per-sequence lengths
@@ -26,12 +36,7 @@ def same_selection(got, want, q, k, w, k_scale):
 ])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_topk_matches_reference(b, t, s, h, d, topk, q_offset, k_len, chunk, dtype):
-    rng = np.random.default_rng(t)
-    q = jnp.asarray(rng.normal(size=(b, t, h, d)), dtype)
-    k = jnp.asarray(rng.normal(size=(b, s, d)), dtype)
-    w = jnp.asarray(rng.normal(size=(b, t, h)), jnp.float32)
-    k_scale = jnp.asarray(rng.uniform(0.5, 2, size=(b, s)), jnp.float32)
-    kl = None if k_len is None else jnp.asarray(k_len)
+    q, k, w, k_scale, kl = random_inputs(b, t, s, h, d, k_len, dtype)
     got = indexer_topk_triton(q, k, w, topk=topk, k_scale=k_scale, q_offset=q_offset, k_len=kl, chunk_size=chunk,
                               interpret=True, block_t=4, block_s=16)
     want = indexer_topk_reference(q, k, w, topk=topk, k_scale=k_scale, q_offset=q_offset, k_len=kl)

@@ -22,7 +22,7 @@ from pallas_kernels.indexer.mosaic import indexer_topk_mosaic
 from pallas_kernels.indexer.reference import indexer_topk_reference
 from pallas_kernels.sparse_mla import mosaic as sparse_mla_mosaic
 from pallas_kernels.sparse_mla.reference import sparse_mla_reference
-from tests.pallas_kernels.test_indexer import same_selection
+from tests.pallas_kernels.test_indexer import random_inputs, same_selection
 from tests.pallas_kernels.test_sparse_mla import random_case
 
 f32 = lambda x: x.astype(jnp.float32)
@@ -78,12 +78,7 @@ def test_ops_sparse_mla_gradient_on_the_mosaic_path():
     (1, 9, 9, 3, 16, 32, 0, None, 4, jnp.float32),    # S < topk: -1 padding
 ])
 def test_indexer_topk_matches_reference(b, t, s, h, d, topk, q_offset, k_len, chunk, dtype):
-    rng = np.random.default_rng(t)
-    q = jnp.asarray(rng.normal(size=(b, t, h, d)), dtype)
-    k = jnp.asarray(rng.normal(size=(b, s, d)), dtype)
-    w = jnp.asarray(rng.normal(size=(b, t, h)), jnp.float32)
-    k_scale = jnp.asarray(rng.uniform(0.5, 2, size=(b, s)), jnp.float32)
-    kl = None if k_len is None else jnp.asarray(k_len)
+    q, k, w, k_scale, kl = random_inputs(b, t, s, h, d, k_len, dtype)
     got = indexer_topk_mosaic(q, k, w, topk=topk, k_scale=k_scale, q_offset=q_offset, k_len=kl, chunk_size=chunk,
                               key_block=16, block_t=8, block_s=8, interpret=True)
     want = indexer_topk_reference(q, k, w, topk=topk, k_scale=k_scale, q_offset=q_offset, k_len=kl)
