@@ -100,7 +100,8 @@ def token_logprobs(logits, tokens, kept_mask=None, *, temperature: float = 1.0):
     logp_all = jax.nn.log_softmax(scaled, axis=-1)
     logp = jnp.take_along_axis(logp_all, tokens[..., None], axis=-1)[..., 0]
     probs = jnp.exp(logp_all)
-    entropy = -jnp.sum(jnp.where(probs > 0, probs * logp_all, 0.0), axis=-1)
+    # 0 · log 0 = 0 outside the kept set; zeroing the log first keeps the gradient finite.
+    entropy = -jnp.sum(probs * jnp.where(probs > 0, logp_all, 0.0), axis=-1)
     return logp, entropy
 
 

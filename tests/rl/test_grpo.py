@@ -158,8 +158,11 @@ def test_token_logprobs_kept_mask():
         want = np.take_along_axis(np.asarray(want_all), np.asarray(tokens).T, -1).T
         np.testing.assert_allclose(lp, want, rtol=1e-5)
         p = np.exp(np.asarray(want_all))
-        want_ent = -np.sum(np.where(p > 0, p * np.asarray(want_all), 0.0), -1)
+        want_ent = -np.sum(p * np.where(p > 0, np.asarray(want_all), 0.0), -1)
         np.testing.assert_allclose(ent, np.broadcast_to(want_ent, (2, 3)), rtol=1e-5)
+    grad = jax.grad(lambda x: grpo.token_logprobs(x, tokens, jnp.broadcast_to(kept, (2, 3, 11)))[1].sum())(
+        jnp.broadcast_to(logits, (2, 3, 11)))
+    assert np.isfinite(np.asarray(grad)).all()  # entropy is differentiable despite -inf outside the kept set
     lp, _ = grpo.token_logprobs(logits[None], tokens[:1], temperature=2.0)
     np.testing.assert_allclose(lp[0], np.take_along_axis(np.asarray(jax.nn.log_softmax(logits / 2.0)),
                                                          np.asarray(tokens[0])[:, None], -1)[:, 0], rtol=1e-5)
