@@ -126,11 +126,11 @@ def pass_at_1(params, cfg, tasks, max_new_tokens):
     return float(np.mean([rewards.math_reward(decode(g.tokens), t.answer).value for t, g in zip(tasks, gens)]))
 
 
-def main(_):
-    c = _CONFIG.value
+def run(c: ml_collections.ConfigDict, workdir: str) -> tuple[float, float]:
+    """SFT warm-up (unless init_from) then GRPO; returns held-out pass@1 (start of GRPO, end)."""
     if c.task != "math":
         raise ValueError(f"task: only 'math' has a loop so far, got {c.task!r}")
-    os.makedirs(_WORKDIR.value, exist_ok=True)
+    os.makedirs(workdir, exist_ok=True)
     if c.init_from:
         cfg, params = load_hf(c.init_from)
     else:
@@ -145,7 +145,7 @@ def main(_):
                           kl_estimator=c.kl_estimator, offpolicy_delta=c.offpolicy_delta)
     optimizer = optax.adamw(c.lr, b2=0.99, weight_decay=0.0)
     opt_state = optimizer.init(params)
-    metrics_path = os.path.join(_WORKDIR.value, "metrics.jsonl")
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
 
     def log(row):
         with open(metrics_path, "a") as f:
@@ -178,8 +178,13 @@ def main(_):
             row["pass_at_1"] = pass_at_1(params, cfg, eval_tasks, c.max_new_tokens)
         log(row)
         logging.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
-    logging.info("held-out pass@1: %.3f -> %.3f in %.0f s", start_pass, row.get("pass_at_1", float("nan")),
-                 time.time() - t0)
+    end_pass = row["pass_at_1"] if c.steps else start_pass
+    logging.info("held-out pass@1: %.3f -> %.3f in %.0f s", start_pass, end_pass, time.time() - t0)
+    return start_pass, end_pass
+
+
+def main(_):
+    run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
