@@ -9,7 +9,7 @@ trained with GRPO: each step samples `group_size` completions for `prompts_per_s
 prompts from the current params (π_old, with routes and kept sets recorded), scores them
 exactly, and takes `inner_steps` Optax steps on that batch against the frozen reference (the
 params GRPO started from). Held-out pass@1 (greedy) is measured every `eval_every` steps on
-fixed tasks. Metrics go to WORKDIR/metrics.jsonl, one JSON object per line.
+fixed tasks whose questions never appear in SFT or GRPO batches. Metrics go to WORKDIR/metrics.jsonl, one JSON object per line.
 """
 
 import json
@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.sft_steps = 150
     c.sft_batch = 64
     c.sft_lr = 3e-3
-    c.steps = 30                 # GRPO steps (rollout batches)
+    c.steps = 40                 # GRPO steps (rollout batches)
     c.inner_steps = 2            # optimizer steps per rollout batch
     c.prompts_per_step = 16
     c.group_size = 8
@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.temperature = 1.0
     c.top_p = 1.0
     c.top_k = 0
-    c.lr = 1e-3
+    c.lr = 3e-4
     c.kl_coef = 0.0
     c.kl_estimator = "unbiased"
     c.clip_low = 0.2
@@ -61,7 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.keep_routing = True
     c.keep_sampling_mask = True
     c.eval_every = 5
-    c.eval_tasks = 128
+    c.eval_tasks = 48             # drawn once; duplicates dropped; never used for SFT or GRPO
     return c
 
 
@@ -82,11 +82,15 @@ def decode(ids) -> str:
     return bytes(int(t) for t in ids if t >= 2).decode(errors="replace")
 
 
-def _tasks(levels, n, seed):
-    per = [math_env.make_tasks(n, level, seed) for level in levels]
-    order = np.random.default_rng(seed).permutation(n * len(levels))[:n]
+def _tasks(levels, n, seed, exclude=frozenset()):
+    """n tasks drawn evenly from the levels, none of whose prompts is in `exclude`."""
+    per = [math_env.make_tasks(4 * n, level, seed) for level in levels]
+    order = np.random.default_rng(seed).permutation(4 * n * len(levels))
     flat = [t for tasks in per for t in tasks]
-    return [flat[i] for i in order]
+    picked = [flat[i] for i in order if flat[i].prompt not in exclude][:n]
+    if len(picked) < n:
+        raise ValueError(f"levels {levels}: too few questions outside the held-out set for {n} tasks")
+    return picked
 
 
 # --------------------------------------------------------------------------- SFT warm-up
@@ -100,7 +104,7 @@ def _sft_batch(tasks):
     return tokens, mask
 
 
-def sft(params, cfg, c):
+def sft(params, cfg, c, exclude):
     optimizer = optax.adamw(c.sft_lr, weight_decay=0.0)
     opt_state = optimizer.init(params)
 
@@ -113,7 +117,7 @@ def sft(params, cfg, c):
         return optax.apply_updates(params, updates), opt_state, loss
 
     for i in range(c.sft_steps):
-        tokens, mask = _sft_batch(_tasks(c.levels, c.sft_batch, seed=10_000 + i))
+        tokens, mask = _sft_batch(_tasks(c.levels, c.sft_batch, 10_000 + i, exclude))
         params, opt_state, loss = step(params, opt_state, jnp.asarray(tokens), jnp.asarray(mask))
         if i % 25 == 0 or i == c.sft_steps - 1:
             logging.info("sft %d/%d loss %.4f", i, c.sft_steps, float(loss))
@@ -136,10 +140,11 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> tuple[float, float]:
     else:
         cfg = ModelConfig.preset(c.model)
         params = Transformer(cfg).init(jax.random.key(c.seed), jnp.zeros((1, 8), jnp.int32))["params"]
-    eval_tasks = _tasks(c.levels, c.eval_tasks, seed=-1 % 2**31)
+    eval_tasks = list({t.prompt: t for t in _tasks(c.levels, c.eval_tasks, seed=2**31 - 1)}.values())
+    held_out = frozenset(t.prompt for t in eval_tasks)
     t0 = time.time()
     if not c.init_from and c.sft_steps:
-        params = sft(params, cfg, c)
+        params = sft(params, cfg, c, held_out)
     ref_params = params
     options = GRPOOptions(temperature=c.temperature, clip_low=c.clip_low, clip_high=c.clip_high, kl_coef=c.kl_coef,
                           kl_estimator=c.kl_estimator, offpolicy_delta=c.offpolicy_delta)
@@ -155,7 +160,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> tuple[float, float]:
     log({"step": 0, "pass_at_1": start_pass, "wall_s": time.time() - t0})
     logging.info("step 0 held-out pass@1 %.3f", start_pass)
     for step in range(1, c.steps + 1):
-        tasks = _tasks(c.levels, c.prompts_per_step, seed=step)
+        tasks = _tasks(c.levels, c.prompts_per_step, step, held_out)
         t_roll = time.time()
         ro = sample_groups(params, cfg, [[BOS] + encode(t.prompt) for t in tasks], c.group_size, c.max_new_tokens,
                            temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, seed=c.seed * 100_003 + step,

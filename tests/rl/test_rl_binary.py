@@ -26,3 +26,9 @@ def test_byte_tokenizer():
     tokens, mask = rl._sft_batch([rl.math_env.MathTask("Q: 1+2 A:", "3", 1)])
     # targets (tokens[1:]) under the mask: " 3" then EOS
     assert tokens[0, 1:][mask[0]].tolist() == rl.encode(" 3") + [rl.EOS]
+
+
+def test_held_out_questions_never_trained_on():
+    held_out = frozenset(t.prompt for t in rl._tasks((1, 2), 40, seed=123))
+    for seed in range(5):
+        assert not any(t.prompt in held_out for t in rl._tasks((1, 2), 32, seed, held_out))
