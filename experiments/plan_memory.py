@@ -32,19 +32,6 @@ from deepseek_jax.params import boxed_abstract_params
 from sharding import rules as rules_lib
 from sharding.mesh import AXES, parse_mesh_spec
 
-_CONFIG = flags.DEFINE_string("config", "v32-671b", "a ModelConfig preset or an HF config.json path")
-_MESH = flags.DEFINE_multi_string("mesh", ["data=1,fsdp=32,expert=8"], "mesh spec(s), every axis sized")
-_RULES = flags.DEFINE_enum("rules", "fsdp_ep", list(rules_lib.PRESETS), "logical-axis rules preset")
-_BATCH = flags.DEFINE_integer("batch", 64, "global batch (sequences)")
-_SEQ = flags.DEFINE_integer("seq_len", 4096, "tokens per sequence")
-_REMAT = flags.DEFINE_enum("remat", "full", list(REMAT_POLICIES), "remat policy of the blocks")
-_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "compute dtype")
-_PARAM_DTYPE = flags.DEFINE_string("param_dtype", "float32", "parameter (master weight) dtype")
-_IMPL = flags.DEFINE_enum("attention_impl", "pallas", ["pallas", "reference"],
-                          "DSA kernels traced for the residuals: the fused kernels save little, the XLA "
-                          "reference path saves the gathered rows")
-_HBM = flags.DEFINE_float("device_memory_gib", 141.0, "memory per device, for the headroom column")
-_OUT = flags.DEFINE_string("out", "/tmp/plan_memory.json", "JSON output")
 
 GIB = 1 << 30
 
@@ -125,4 +112,19 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Flags exist only when this runs as a binary: tests import its functions next to
+    # other binaries that also define --config / --workdir.
+    _CONFIG = flags.DEFINE_string("config", "v32-671b", "a ModelConfig preset or an HF config.json path")
+    _MESH = flags.DEFINE_multi_string("mesh", ["data=1,fsdp=32,expert=8"], "mesh spec(s), every axis sized")
+    _RULES = flags.DEFINE_enum("rules", "fsdp_ep", list(rules_lib.PRESETS), "logical-axis rules preset")
+    _BATCH = flags.DEFINE_integer("batch", 64, "global batch (sequences)")
+    _SEQ = flags.DEFINE_integer("seq_len", 4096, "tokens per sequence")
+    _REMAT = flags.DEFINE_enum("remat", "full", list(REMAT_POLICIES), "remat policy of the blocks")
+    _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "compute dtype")
+    _PARAM_DTYPE = flags.DEFINE_string("param_dtype", "float32", "parameter (master weight) dtype")
+    _IMPL = flags.DEFINE_enum("attention_impl", "pallas", ["pallas", "reference"],
+                              "DSA kernels traced for the residuals: the fused kernels save little, the XLA "
+                              "reference path saves the gathered rows")
+    _HBM = flags.DEFINE_float("device_memory_gib", 141.0, "memory per device, for the headroom column")
+    _OUT = flags.DEFINE_string("out", "/tmp/plan_memory.json", "JSON output")
     app.run(main)

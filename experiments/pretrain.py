@@ -35,8 +35,6 @@ from deepseek_jax.training.optimizer import learning_rate_schedule, make_optimiz
 from sharding import rules as rules_lib
 from sharding.mesh import initialize, make_mesh
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/tiny.py", "training config file")
-_WORKDIR = flags.DEFINE_string("workdir", "/tmp/deepseek_jax_tiny", "checkpoints, metrics and tokenizer go here")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -213,4 +211,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Flags exist only when this runs as a binary: tests import its functions next to
+    # other binaries that also define --config / --workdir.
+    _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/tiny.py", "training config file")
+    _WORKDIR = flags.DEFINE_string("workdir", "/tmp/deepseek_jax_tiny", "checkpoints, metrics and tokenizer go here")
     app.run(main)

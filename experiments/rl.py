@@ -65,8 +65,6 @@ def get_config() -> ml_collections.ConfigDict:
     return c
 
 
-_CONFIG = config_flags.DEFINE_config_dict("config", get_config())
-_WORKDIR = flags.DEFINE_string("workdir", None, "where metrics.jsonl is written", required=True)
 
 BOS, EOS = 0, 1
 
@@ -193,4 +191,8 @@ def main(_):
 
 
 if __name__ == "__main__":
+    # Flags exist only when this runs as a binary: tests import its functions next to
+    # other binaries that also define --config / --workdir.
+    _CONFIG = config_flags.DEFINE_config_dict("config", get_config())
+    _WORKDIR = flags.DEFINE_string("workdir", None, "where metrics.jsonl is written", required=True)
     app.run(main)
