@@ -19,17 +19,15 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import tqdm
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from deepseek_jax.checkpoint.orbax import CheckpointManager
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.model import forward
 from deepseek_jax.params import abstract_params
+from deepseek_jax.generate import generate
 from deepseek_jax.training import data, dsa, metrics, train_step
 from deepseek_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from sharding import rules as rules_lib
@@ -69,19 +67,10 @@ def _restore_params(path: str, target):
 
 
 def sample(params, cfg, tokenizer, prompt: str, n_tokens: int, temperature: float, seed: int) -> str:
-    """A continuation of `prompt`, re-running the forward on a fixed-size buffer (one compile)."""
+    """A continuation of `prompt` by the cached decoder (`deepseek_jax.generate`)."""
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids
-    buffer = np.zeros((1, len(ids) + n_tokens), np.int32)
-    buffer[0, :len(ids)] = ids
-    rng = jax.random.PRNGKey(seed)
-    for pos in range(len(ids), buffer.shape[1]):
-        logits = forward(params, jnp.asarray(buffer), cfg)[0, pos - 1]
-        if temperature > 0:
-            rng, key = jax.random.split(rng)
-            buffer[0, pos] = int(jax.random.categorical(key, logits / temperature))
-        else:
-            buffer[0, pos] = int(jnp.argmax(logits))
-    return tokenizer.decode(buffer[0, len(ids):].tolist())
+    out = generate(params, cfg, [ids], n_tokens, temperature=temperature, seed=seed)[0]
+    return tokenizer.decode(out.tokens.tolist())
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, batches=None, devices=None,

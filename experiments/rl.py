@@ -12,7 +12,7 @@ params GRPO started from). Held-out pass@1 (greedy) is measured every `eval_ever
 fixed tasks whose questions never appear in SFT or GRPO batches. Metrics go to WORKDIR/metrics.jsonl, one JSON object per line.
 """
 
-import json
+import functools
 import os
 import time
 
@@ -31,6 +31,7 @@ from deepseek_jax.rl import grpo, rewards
 from deepseek_jax.rl.envs import math as math_env
 from deepseek_jax.rl.rollout import build_batch, sample_groups
 from deepseek_jax.rl.update import GRPOOptions, grpo_step, reference_logprobs
+from deepseek_jax.training import metrics
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -150,9 +151,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> tuple[float, float]:
     opt_state = optimizer.init(params)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
 
-    def log(row):
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    log = functools.partial(metrics.append_jsonl, metrics_path)
 
     start_pass = pass_at_1(params, cfg, eval_tasks, c.max_new_tokens)
     log({"step": 0, "pass_at_1": start_pass, "wall_s": time.time() - t0})

@@ -33,11 +33,11 @@ def _sharded(fn, cfg, mesh, rules, batch_shape, n_batch_args, out_shardings):
 
     def run(params, *batch_args):
         with mesh_context(mesh, rules):
-            return jitted(params, *(_global(x, batch) for x in batch_args))
+            return jitted(params, *(global_batch(x, batch) for x in batch_args))
     return run
 
 
-def _global(x, sharding):
+def global_batch(x, sharding):
     """The global batch as an array on `sharding`. Every process passes the same full batch and
     contributes the rows of its own devices (one process: a plain device_put)."""
     if isinstance(x, jax.Array) and x.sharding == sharding:

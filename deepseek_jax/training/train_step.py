@@ -28,7 +28,7 @@ from deepseek_jax.params import abstract_params, param_shardings
 from deepseek_jax.training import dsa
 from deepseek_jax.training.optimizer import param_labels
 from sharding.rules import batch_sharding
-from sharding.steps import _global, mesh_context
+from sharding.steps import global_batch, mesh_context
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,5 +158,5 @@ def make_train_step(cfg, lc: LossConfig, tx, mesh, rules, batch_shape, shardings
 
     def run(state, batch):
         with mesh_context(mesh, rules):
-            return step(state, {k: _global(v, batch_sh) for k, v in batch.items()})
+            return step(state, {k: global_batch(v, batch_sh) for k, v in batch.items()})
     return run
