@@ -144,6 +144,21 @@ def _sampled_candidates(keys, kk, rank, buffer, stride):
     return words, ok
 
 
+def sampled_rows_ok(scores, k, *, sample_stride=_SAMPLE_STRIDE):
+    """bool [...]: rows of scores [..., S] whose sampled buffer holds their exact top-k.
+
+    `select_topk` takes the sampled path when every row's is (all True also where rows are too
+    short to sample: the exact select is the only path there). For tests and benchmarks.
+    """
+    s = scores.shape[-1]
+    kk = min(k, s)
+    plan = sample_plan(s, kk, sample_stride)
+    if plan is None:
+        return jnp.ones(scores.shape[:-1], bool)
+    keys = sortable_key(scores.reshape(-1, s))
+    return _sampled_candidates(keys, kk, *plan, sample_stride)[1].reshape(scores.shape[:-1])
+
+
 def select_topk(scores, k, *, sample_stride=_SAMPLE_STRIDE):
     """int32 [..., k]: indices of the k largest of each row of scores [..., S] (see the module docstring)."""
     if k < 1:

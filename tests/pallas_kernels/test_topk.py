@@ -40,11 +40,8 @@ def check(scores, k):
 
 def sampled_path_ok(scores, k):
     """Per row, whether the sampled candidates of these long rows hold the exact answer."""
-    s = scores.shape[-1]
-    plan = topk.sample_plan(s, min(k, s))
-    assert plan is not None, "rows too short for the sampled path"
-    keys = topk.sortable_key(jnp.asarray(scores, jnp.float32).reshape(-1, s))
-    return np.asarray(topk._sampled_candidates(keys, min(k, s), *plan, topk._SAMPLE_STRIDE)[1])
+    assert topk.sample_plan(scores.shape[-1], k) is not None, "rows too short for the sampled path"
+    return np.asarray(topk.sampled_rows_ok(jnp.asarray(scores, jnp.float32), k))
 
 
 RNG = np.random.default_rng(0)
