@@ -10,8 +10,10 @@ O(chunk_size · S), never [T, S]. Reference: `pallas_kernels/indexer/reference.p
 
 Measured on an H200 (V3.2: 64 heads x 128, k=2048, bf16) with `lax.top_k` per chunk: 3.1 / 47
 / 697 ms at T = 4K / 16K / 64K, 4.7x / 3.1x faster than the XLA reference up to 16K; a later
-run took 509 ms at 64K, most of it in the sort-based `lax.top_k` (target: 60 ms). The radix
-select is not yet timed on a GPU (experiments/bench_kernels.py times scores and top-k apart).
+run took 509 ms at 64K, most of it in the sort-based `lax.top_k` (2.7 ms per [512, 64K] chunk).
+With `select_topk` (0.5 ms per chunk): 22.1 ms at 16K and 265 ms at 64K (259 ms with
+chunk_size=1024), now mostly the scores kernel (target: 60 ms). experiments/bench_kernels.py
+times scores and top-k apart.
 
 Shapes: B batch, T queries, S keys, H heads, D head dim, K = topk.
 """
