@@ -12,6 +12,12 @@ indexer_topk (V3.2: 64 heads x 128, bf16 q/k, fp32 head weights): the scores ker
 chunked `lax.top_k`, each --index_configs tile at --sweep_len then the best at every length,
 against the XLA reference up to --max_reference_len; FLOPs = 2·(causal pairs)·H_I·D_I (the QK
 matmul only, as DeepGEMM counts), and a row "indexer + sparse_mla" summing both kernels.
+The split, per query chunk (the last chunk of --index_chunk queries, which sees all T keys):
+the scores kernel alone, then top-k alone on its [chunk, T] fp32 scores, `select_topk` (radix
+select, what the kernel path runs) against `lax.top_k` (sort-based on GPU); GB/s counts one
+read of the scores. The whole indexer runs T/chunk such chunks (earlier ones score fewer key
+blocks, but top-k always reads all T columns). Also printed: whether select_topk took its
+sampled path (else its exact fallback over the full rows) and that both select the same set.
 sparse_mla backward (dq, dkv with atomic adds), each --bwd_configs tile config at --bwd_len,
 against `jax.vjp` of the XLA reference; backward FLOPs = 2·T·k·H·(3·Dqk + 2·Dv).
 Counting follows FlashMLA: sparse FLOPs = 2·T·k·H·(Dqk + Dv) (unused slots included), bytes =
@@ -29,8 +35,9 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from pallas_kernels import topk as topk_lib
 from pallas_kernels.indexer.reference import indexer_topk_reference
-from pallas_kernels.indexer.triton import indexer_topk_triton
+from pallas_kernels.indexer.triton import indexer_scores_triton, indexer_topk_triton
 from pallas_kernels.sparse_mla.reference import sparse_mla_reference
 from pallas_kernels.sparse_mla.triton import sparse_mla_bwd, sparse_mla_fwd
 
@@ -58,6 +65,7 @@ _INDEX_HEADS = flags.DEFINE_integer("index_heads", 64, "indexer heads")
 _INDEX_DIM = flags.DEFINE_integer("index_dim", 128, "indexer head dim")
 _INDEX_CONFIGS = flags.DEFINE_list("index_configs", ["4:64:8:2", "8:64:8:2", "4:128:8:2"],
                                    "indexer tiles block_t:block_s:num_warps:num_stages, ...")
+_INDEX_CHUNK = flags.DEFINE_integer("index_chunk", 512, "queries per indexer chunk (indexer_topk_triton's default)")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "run the kernel in Pallas interpret mode (CPU smoke runs)")
 
 
@@ -99,6 +107,30 @@ def _row(name, t, seconds, flops, nbytes):
                roofline=max(tflops / _PEAK_TFLOPS.value, gbs / _PEAK_GBS.value))
     print(f"{name:34s} {t:>7d} {row['ms']:>10.2f} {tflops:>8.1f} {gbs:>8.0f} {row['roofline']:>8.2f}", flush=True)
     return row
+
+
+def _indexer_split(t, q, kk, ww, cfg):
+    """Rows for one chunk of the indexer at length t: scores kernel alone, then top-k alone on its scores."""
+    h, d, k = _INDEX_HEADS.value, _INDEX_DIM.value, _TOPK.value
+    bt, bs, w, s = map(int, cfg.split(":"))
+    chunk = min(_INDEX_CHUNK.value, t)
+    q_c, w_c = q[:, t - chunk:], ww[:, t - chunk:]
+    positions = jnp.arange(t - chunk, t, dtype=jnp.int32)
+    ones, k_len = jnp.ones((1, t), jnp.float32), jnp.full((1,), t, jnp.int32)
+    scores_fn = jax.jit(lambda q_c, kk, w_c: indexer_scores_triton(
+        q_c, kk, w_c, ones, k_len, positions, block_t=bt, block_s=bs, num_warps=w, num_stages=s,
+        interpret=_INTERPRET.value))
+    scores = scores_fn(q_c, kk, w_c)[0]  # [chunk, t] float32
+    select = jax.jit(lambda x: topk_lib.select_topk(x, k))
+    lax_topk = jax.jit(lambda x: jax.lax.top_k(x, min(k, t))[1])
+    got, want = jnp.sort(select(scores), axis=-1), jnp.sort(lax_topk(scores), axis=-1)
+    print(f"top-k at T={t}: select_topk == lax.top_k sets: {bool(jnp.all(got[:, -want.shape[1]:] == want))}; "
+          f"sampled path: {bool(jnp.all(topk_lib.sampled_rows_ok(scores, k)))}", flush=True)
+    nbytes = chunk * t * 4
+    return [_row(f"indexer scores only [{cfg}] 1 chunk", t, _time(scores_fn, q_c, kk, w_c),
+                 2 * chunk * t * h * d, nbytes),
+            _row(f"top-k select_topk [{chunk}xT] 1 chunk", t, _time(select, scores), 0, nbytes),
+            _row(f"top-k lax.top_k [{chunk}xT] 1 chunk", t, _time(lax_topk, scores), 0, nbytes)]
 
 
 def _indexer(sparse_seconds):
@@ -147,6 +179,7 @@ def _indexer(sparse_seconds):
             rows.append(_row("indexer_topk xla reference", t, _time(reference, q, kk, ww), flops(t), nbytes(t)))
         if t in sparse_seconds:
             rows.append(_row("indexer + sparse_mla (pallas)", t, seconds + sparse_seconds[t], flops(t), nbytes(t)))
+        rows += _indexer_split(t, q, kk, ww, best)
     return rows
 
 

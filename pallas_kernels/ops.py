@@ -10,8 +10,9 @@ A kernel runs interpreted where it cannot compile: the Triton one on CPU (or wit
 `interpret=True`), the Mosaic one off TPU (or with `interpret=True`) under
 `pltpu.InterpretParams()`, the TPU interpreter that also simulates DMAs and semaphores.
 Kernels: sparse MLA forward and backward (a `jax.custom_vjp`, dkv accumulated over every query
-that selected a row); indexer scores (top-k per query chunk by `lax.top_k`). Not yet:
-decode-specialised variants, FP8 inputs to the indexer kernels (they take the reference).
+that selected a row); indexer scores, with the top-k of each query chunk by
+`pallas_kernels.topk.select_topk` (radix select in XLA, no sort). Not yet: decode-specialised
+variants, FP8 inputs to the indexer kernels (they take the reference).
 """
 
 import functools
@@ -54,8 +55,10 @@ def indexer_topk(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, impl="a
     q [B, T, H, D], k [B, S, D], w [B, T, H] (float32; any q scale folded in), optional
     k_scale [B, S] (FP8 keys) -> int32 [B, T, topk] indices of the largest
     I[t, s] = k_scale[s] Σ_h w[t, h] relu(q[t, h]·k[s]) over s <= t + q_offset, s < k_len[b];
-    -1 marks slots with no valid key. Ties: lowest index first. `impl` and `interpret`: see the
-    module docstring; chunk_size and key_block tile the reference.
+    -1 marks slots with no valid key (after the valid ones). Ties: lowest index first. The order
+    within a row is not part of the contract: the reference lists indices by decreasing score,
+    the kernels by ascending index (the selected set is the same). `impl` and `interpret`: see
+    the module docstring; chunk_size and key_block tile the reference.
     """
     kernel, interpret = _kernel(impl, interpret)
     if q.ndim != 4 or k.ndim != 3 or w.ndim != 3:

@@ -6,9 +6,11 @@ I[t, s] = k_scale[s] · Σ_h w[t, h] · relu(q[t, h] · k[s]) in float32 (one [b
 [D, block_s] MXU matmul, then ReLU, the head weights and the head sum on the VPU), writing -inf
 outside s <= t + q_offset and s < k_len. `indexer_topk_mosaic` runs it over chunks of
 `chunk_size` queries and, within a chunk, over key blocks of `key_block` keys with a running
-`lax.top_k` merge (the reference's scheme: the running set, all lower indices, goes before
-each new block, so ties keep the lowest index). Memory is O(chunk_size · (key_block + topk)),
-never [T, S]; key blocks wholly after every query of the chunk are never scored.
+top-k merge by `pallas_kernels.topk.select_topk` (radix select, no sort). As in the reference,
+the running set, all lower indices and itself in ascending index order, goes before each new
+block, so candidate position order is index order and ties keep the lowest index; the result
+lists indices ascending. Memory is O(chunk_size · (key_block + topk)), never [T, S]; key
+blocks wholly after every query of the chunk are never scored.
 
 TPU-specific choices (why):
 - The chunk's first query position, the key block's first key and k_len [B] are scalar-
@@ -22,7 +24,8 @@ TPU-specific choices (why):
 - The [block_t, H, D] -> [block_t·H, D] reshape merges whole (8, 128) tiles when H is a
   multiple of 8 (16 for bf16); V3.2's H = 64 is.
 
-Not measured on a TPU (none here); run under `pltpu.InterpretParams` in the tests.
+Not measured on a TPU (none here); run under `pltpu.InterpretParams` in the tests. Whether the
+radix select beats TPU's `lax.top_k` on these [chunk, topk + key_block] merges is unmeasured.
 
 Shapes: B batch, T queries, S keys, H heads, D head dim, K = topk.
 """
@@ -35,6 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.chunking import map_query_chunks
+from pallas_kernels.topk import select_topk
 
 
 def _limits(meta_ref, klen_ref, b, j, block_t, q_offset):
@@ -134,8 +138,10 @@ def indexer_topk_mosaic(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, 
             keys = k_start + jnp.arange(key_block, dtype=jnp.int32)
             cand_s = jnp.concatenate([best_s, scores], axis=-1)
             cand_i = jnp.concatenate([best_i, jnp.broadcast_to(keys, scores.shape)], axis=-1)
-            best_s, pos = jax.lax.top_k(cand_s, kk)
-            return best_s, jnp.take_along_axis(cand_i, pos, axis=-1)
+            pos = select_topk(cand_s, kk)  # ascending candidate position = ascending key index; -1: none
+            kept, pos = pos >= 0, jnp.maximum(pos, 0)
+            return (jnp.where(kept, jnp.take_along_axis(cand_s, pos, axis=-1), -jnp.inf),
+                    jnp.where(kept, jnp.take_along_axis(cand_i, pos, axis=-1), -1))
 
         init = (jnp.full((b, tc, kk), -jnp.inf, jnp.float32), jnp.full((b, tc, kk), -1, jnp.int32))
         visible = jnp.minimum(q_start + tc + q_offset, jnp.max(k_len))  # keys any query of the chunk can see

@@ -3,14 +3,17 @@
 The kernel computes, for a block of `block_t` queries against a block of `block_s` keys,
 I[t, s] = k_scale[s] · Σ_h w[t, h] · relu(q[t, h] · k[s]) in float32 (one [block_t·H, D] x
 [D, block_s] matmul, ReLU, a weighted head sum), writing -inf outside s <= t + q_offset and
-s < k_len. `indexer_topk_triton` runs it over chunks of `chunk_size` queries and keeps each
-chunk's `lax.top_k` (lowest index first on ties, as the reference), so memory is
+s < k_len. `indexer_topk_triton` runs it over chunks of `chunk_size` queries and selects each
+chunk's top-k with `pallas_kernels.topk.select_topk` (radix select, no sort; the same set as
+`lax.top_k`, lowest index first on ties, listed by ascending index), so memory is
 O(chunk_size · S), never [T, S]. Reference: `pallas_kernels/indexer/reference.py`.
 
-Measured on an H200 (V3.2: 64 heads x 128, k=2048, bf16): 3.1 / 47 / 697 ms at T = 4K / 16K /
-64K, 4.7x / 3.1x faster than the XLA reference up to 16K, but far from the 60 ms target at 64K
-(top-k is left to XLA). Those runs scored fully masked future blocks too; blocks past every
-query's last key now skip the matmul (not yet timed on a GPU).
+Measured on an H200 (V3.2: 64 heads x 128, k=2048, bf16) with `lax.top_k` per chunk: 3.1 / 47
+/ 697 ms at T = 4K / 16K / 64K, 4.7x / 3.1x faster than the XLA reference up to 16K; a later
+run took 509 ms at 64K, most of it in the sort-based `lax.top_k` (2.7 ms per [512, 64K] chunk).
+With `select_topk` (0.5 ms per chunk): 22.1 ms at 16K and 265 ms at 64K (259 ms with
+chunk_size=1024), now mostly the scores kernel (target: 60 ms). experiments/bench_kernels.py
+times scores and top-k apart.
 
 Shapes: B batch, T queries, S keys, H heads, D head dim, K = topk.
 """
@@ -24,6 +27,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.chunking import map_query_chunks
 from pallas_kernels.tiles import next_pow2
+from pallas_kernels.topk import select_topk
 
 
 def _scores_kernel(pos_ref, q_ref, w_ref, k_ref, ks_ref, klen_ref, o_ref, *, block_s, q_offset):
@@ -80,19 +84,14 @@ def indexer_scores_triton(q, k, w, k_scale, k_len, positions, *, q_offset=0, blo
 
 def indexer_topk_triton(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, chunk_size=512, interpret=False,
                         **tiles):
-    """Same contract as `indexer_topk_reference`: int32 [B, T, topk], -1 for empty slots."""
+    """Same contract as `indexer_topk_reference` (int32 [B, T, topk], -1 for empty slots), indices ascending."""
     b, s = k.shape[0], k.shape[1]
-    kk = min(topk, s)
     k_len = jnp.full((b,), s, jnp.int32) if k_len is None else jnp.minimum(jnp.asarray(k_len, jnp.int32), s)
     k_scale = jnp.ones((b, s), jnp.float32) if k_scale is None else k_scale
 
     def chunk(positions, q_c, w_c):
         scores = indexer_scores_triton(q_c, k, w_c, k_scale, k_len, positions, q_offset=q_offset,
                                        interpret=interpret, **tiles)
-        vals, idx = jax.lax.top_k(scores, kk)
-        return jnp.where(vals > -jnp.inf, idx, -1).astype(jnp.int32)
+        return select_topk(scores, topk)  # masked scores are -inf: never selected, -1 past the valid keys
 
-    idx = map_query_chunks(chunk, chunk_size, q, w)
-    if kk < topk:
-        idx = jnp.pad(idx, [(0, 0), (0, 0), (0, topk - kk)], constant_values=-1)
-    return idx
+    return map_query_chunks(chunk, chunk_size, q, w)

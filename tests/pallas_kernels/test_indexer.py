@@ -10,12 +10,22 @@ from pallas_kernels.indexer.triton import indexer_topk_triton
 
 
 def same_selection(got, want, q, k, w, k_scale):
-    """Equal index lists, or, where summation order flips a near-tie, equal scores (rtol 1e-5)."""
-    if np.array_equal(got, want):
+    """Equal index sets (kernels list them by ascending index, the reference by score) with the same
+    -1 padding, or, where summation order flips a near-tie, equal scores (rtol 1e-5)."""
+    got_sorted, want_sorted = np.sort(got, -1), np.sort(want, -1)  # -1 padding sorts first
+    if np.array_equal(got_sorted, want_sorted):
         return True
     scores = np.asarray(indexer_scores(q, k, w, k_scale))
     pick = lambda idx: np.where(idx >= 0, np.take_along_axis(scores, np.maximum(idx, 0), -1), -np.inf)
-    return np.allclose(np.sort(pick(got), -1), np.sort(pick(want), -1), rtol=1e-5) and np.array_equal(got < 0, want < 0)
+    return (np.allclose(np.sort(pick(got), -1), np.sort(pick(want), -1), rtol=1e-5)
+            and np.array_equal(got_sorted < 0, want_sorted < 0))
+
+
+def ascending_then_padding(idx):
+    """Each row lists its valid indices in increasing order, then -1s (the kernels' order)."""
+    valid = idx >= 0
+    gaps = np.diff(np.where(valid, idx, np.iinfo(np.int32).max).astype(np.int64), axis=-1)
+    return bool(np.all(valid[..., :-1] >= valid[..., 1:]) and np.all(gaps[valid[..., 1:]] > 0))
 
 
 def random_inputs(b, t, s, h, d, k_len, dtype):
@@ -40,7 +50,9 @@ def test_topk_matches_reference(b, t, s, h, d, topk, q_offset, k_len, chunk, dty
     got = indexer_topk_triton(q, k, w, topk=topk, k_scale=k_scale, q_offset=q_offset, k_len=kl, chunk_size=chunk,
                               interpret=True, block_t=4, block_s=16)
     want = indexer_topk_reference(q, k, w, topk=topk, k_scale=k_scale, q_offset=q_offset, k_len=kl)
+    assert got.dtype == jnp.int32 and got.shape == want.shape
     assert same_selection(np.asarray(got), np.asarray(want), q, k, w, k_scale)
+    assert ascending_then_padding(np.asarray(got))
 
 
 def test_exact_zero_ties_keep_the_lowest_index():

@@ -22,7 +22,11 @@ from pallas_kernels.indexer.mosaic import indexer_topk_mosaic
 from pallas_kernels.indexer.reference import indexer_topk_reference
 from pallas_kernels.sparse_mla import mosaic as sparse_mla_mosaic
 from pallas_kernels.sparse_mla.reference import sparse_mla_reference
-from tests.pallas_kernels.test_indexer import random_inputs, same_selection
+from tests.pallas_kernels.test_indexer import (
+    ascending_then_padding,
+    random_inputs,
+    same_selection,
+)
 from tests.pallas_kernels.test_sparse_mla import random_case
 
 f32 = lambda x: x.astype(jnp.float32)
@@ -84,6 +88,7 @@ def test_indexer_topk_matches_reference(b, t, s, h, d, topk, q_offset, k_len, ch
     want = indexer_topk_reference(q, k, w, topk=topk, k_scale=k_scale, q_offset=q_offset, k_len=kl)
     assert got.dtype == jnp.int32 and got.shape == want.shape
     assert same_selection(np.asarray(got), np.asarray(want), q, k, w, k_scale)
+    assert ascending_then_padding(np.asarray(got))
 
 
 def test_ops_indexer_exact_zero_ties_keep_the_lowest_index():
