@@ -12,7 +12,8 @@ A kernel runs interpreted where it cannot compile: the Triton one on CPU (or wit
 Kernels: sparse MLA forward and backward (a `jax.custom_vjp`, dkv accumulated over every query
 that selected a row); indexer scores, with the top-k of each query chunk by
 `pallas_kernels.topk.select_topk` (radix select in XLA, no sort). Not yet: decode-specialised
-variants, FP8 inputs to the indexer kernels (they take the reference).
+variants. FP8 (e4m3) indexer inputs: the Triton kernel multiplies them natively (fp32
+accumulation); the Mosaic one gets them widened to bf16 (exact: every e4m3 value is a bf16).
 """
 
 import functools
@@ -67,7 +68,9 @@ def indexer_topk(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, impl="a
         raise ValueError(f"indexer_topk: shapes disagree: q {q.shape}, k {k.shape}, w {w.shape}")
     # Indices carry no gradient; stopping it here keeps autodiff out of the kernel.
     q, k, w = jax.lax.stop_gradient((q, k, w))
-    if kernel is not None and q.dtype != jnp.float8_e4m3fn:
+    if kernel is not None:
+        if kernel == "mosaic" and q.dtype == jnp.float8_e4m3fn:  # no fp8 MXU path before TPU v7
+            q, k = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
         return _indexer_kernel(q, k, w, k_scale, k_len, q_offset, topk, kernel, interpret)
     return indexer_topk_reference(q, k, w, topk=topk, k_scale=k_scale, q_offset=q_offset, k_len=k_len,
                                   chunk_size=chunk_size, key_block=key_block)

@@ -3,7 +3,8 @@
 The kernel computes, for a block of `block_t` queries against a block of `block_s` keys,
 I[t, s] = k_scale[s] · Σ_h w[t, h] · relu(q[t, h] · k[s]) in float32 (one [block_t·H, D] x
 [D, block_s] matmul, ReLU, a weighted head sum), writing -inf outside s <= t + q_offset and
-s < k_len. `indexer_topk_triton` runs it over chunks of `chunk_size` queries and selects each
+s < k_len. q and k may be bf16, fp32 or FP8 e4m3 (Hopper's fp8 MMA; the per-key scale comes in
+as k_scale and q's is folded into w by the caller). `indexer_topk_triton` runs it over chunks of `chunk_size` queries and selects each
 chunk's top-k with `pallas_kernels.topk.select_topk` (radix select, no sort; the same set as
 `lax.top_k`, lowest index first on ties, listed by ascending index), so memory is
 O(chunk_size · S), never [T, S]. Reference: `pallas_kernels/indexer/reference.py`.

@@ -62,3 +62,14 @@ def test_exact_zero_ties_keep_the_lowest_index():
     got = ops.indexer_topk(q, k, jnp.zeros((1, 12, 4)), topk=4, impl="pallas", interpret=True)
     for t in range(12):
         assert np.asarray(got)[0, t].tolist() == list(range(min(t + 1, 4))) + [-1] * max(0, 3 - t)
+
+
+@pytest.mark.parametrize("impl", ["triton", "mosaic"])
+def test_fp8_inputs_match_reference(impl):
+    """e4m3 q and k with per-key scales (the model's index_fp8 path) take the kernels, not the reference."""
+    q, k, w, k_scale, _ = random_inputs(2, 19, 19, 8, 32, None, jnp.float32)
+    q8, k8 = q.astype(jnp.float8_e4m3fn), k.astype(jnp.float8_e4m3fn)
+    got = ops.indexer_topk(q8, k8, w, topk=5, k_scale=k_scale, impl=impl, interpret=True)
+    want = indexer_topk_reference(q8, k8, w, topk=5, k_scale=k_scale)
+    assert same_selection(np.asarray(got), np.asarray(want), q8, k8, w, k_scale)
+    assert ascending_then_padding(np.asarray(got))  # the kernels' order: the reference was not taken

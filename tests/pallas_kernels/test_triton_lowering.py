@@ -27,6 +27,9 @@ KERNELS = {
     # Scores kernel + select_topk (plain XLA) over one chunk of queries.
     "indexer_topk": (lambda *a: indexer_topk_triton(*a, topk=K),
                      (sd((B, T, HI, DI), jnp.bfloat16), sd((B, S, DI), jnp.bfloat16), sd((B, T, HI), jnp.float32))),
+    "indexer_topk_fp8": (lambda q, k, w, ks: indexer_topk_triton(q, k, w, topk=K, k_scale=ks),
+                         (sd((B, T, HI, DI), jnp.float8_e4m3fn), sd((B, S, DI), jnp.float8_e4m3fn),
+                          sd((B, T, HI), jnp.float32), sd((B, S), jnp.float32))),
 }
 
 
