@@ -166,7 +166,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> tuple[float, float]:
         r = np.array([rewards.math_reward(decode(g.tokens), tasks[i // c.group_size].answer).value
                       for i, g in enumerate(ro.generations)]).reshape(len(tasks), c.group_size)
         adv = np.asarray(grpo.group_advantages(r, normalize_std=c.normalize_std)).reshape(-1)
-        batch = build_batch(ro, cfg, keep_sampling_mask=c.keep_sampling_mask, keep_routing=c.keep_routing)
+        batch = build_batch(ro.trajectories(), cfg, keep_sampling_mask=c.keep_sampling_mask, keep_routing=c.keep_routing)
         ref_logp = reference_logprobs(ref_params, cfg, batch, temperature=c.temperature)
         for _ in range(c.inner_steps):
             params, opt_state, loss, m, gnorm = grpo_step(params, opt_state, batch, ref_logp, adv, cfg=cfg,
