@@ -50,19 +50,21 @@ class SingleTurn:
 
     def __init__(self, prompt: str, score: Callable[[str], Reward], check_format: Callable[[str], bool]):
         self.prompt, self.score, self.check_format = prompt, score, check_format
-        self.completion, self.truncated = None, False
+        self.outcome, self.formatted = Reward(0.0, "unfinished"), False
 
     def opening(self) -> str:
         return self.prompt
 
     def respond(self, completion: str, truncated: bool) -> None:
-        self.completion, self.truncated = completion.removesuffix(EOS), truncated
+        completion = completion.removesuffix(EOS)
+        self.outcome = self.score(completion)  # once: grading code runs a subprocess
+        self.formatted = not truncated and self.check_format(completion)
 
     def reward(self) -> Reward:
-        return Reward(0.0, "unfinished") if self.completion is None else self.score(self.completion)
+        return self.outcome
 
     def well_formed(self) -> bool:
-        return self.completion is not None and not self.truncated and self.check_format(self.completion)
+        return self.formatted
 
 
 @dataclasses.dataclass
