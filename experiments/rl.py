@@ -128,7 +128,7 @@ def sft(params, cfg, c, exclude):
         tokens, mask = sft_batch([demonstration(c, t) for t in draw_tasks(c, c.sft_batch, 10_000 + i, exclude)])
         params, opt_state, loss = _sft_step(params, opt_state, jnp.asarray(tokens), jnp.asarray(mask), cfg, optimizer)
         if i % 25 == 0 or i == c.sft_steps - 1:
-            logging.info("sft %d/%d loss %.4f", i, c.sft_steps, float(loss))
+            print(f"warm-up step {i + 1}/{c.sft_steps}: loss {float(loss):.4f}")
     return params
 
 
@@ -258,8 +258,9 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) ->
         ref_params = ref_params if c.init_from else restored["params"]["reference"]
         start, start_pass = restored["step"], restored["data_state"]["start_pass_at_1"]
         _keep_rows_up_to(metrics_path, start)
-        logging.info("resumed from %s at step %d", manager.directory, start)
+        print(f"resumed from {manager.directory} at step {start}")
     else:
+        _keep_rows_up_to(metrics_path, -1)  # rows of an earlier attempt that never checkpointed
         cfg, params = initial_policy(cfg, c)
         if not c.init_from and c.sft_steps:
             params = sft(params, cfg, c, held_out)
@@ -270,7 +271,7 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) ->
         metrics.append_jsonl(metrics_path, {"step": 0, "pass_at_1": start_pass, "wall_s": time.perf_counter() - wall0})
         manager.save(0, params=_saved_params(c, params, ref_params), opt_state=opt_state,
                      data_state={"start_pass_at_1": start_pass}, force=True)
-    logging.info("step %d held-out pass@1 %.3f", start, start_pass)
+    print(f"held-out pass@1 at the start of GRPO: {start_pass:.3f}")
 
     events = metrics.EventWriter(os.path.join(workdir, "tensorboard"))
     preempted = []
@@ -295,21 +296,20 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) ->
                 manager.save(step, params=_saved_params(c, params, ref_params), opt_state=opt_state,
                              data_state={"start_pass_at_1": start_pass}, force=True)
         if preempted:
-            logging.warning("SIGTERM: saved step %d; exiting", step)
+            print(f"SIGTERM: saved step {step}; exiting")
     finally:
         signal.signal(signal.SIGTERM, previous)
         bar.close()
         manager.close()
     with open(metrics_path) as f:
         evals = [r["pass_at_1"] for r in map(json.loads, f) if "pass_at_1" in r]
-    wall_s = time.perf_counter() - wall0
-    logging.info("held-out pass@1: %.3f -> %.3f (steps %d -> %d in %.0f s)", start_pass, evals[-1], start, step, wall_s)
     return {"start_step": start, "step": step, "start_pass_at_1": start_pass, "pass_at_1": evals[-1],
-            "history": history, "params": params, "wall_s": wall_s}
+            "history": history, "params": params, "wall_s": time.perf_counter() - wall0}
 
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     summary = run(_CONFIG.value, _WORKDIR.value)
     print(f"held-out pass@1 {summary['start_pass_at_1']:.3f} -> {summary['pass_at_1']:.3f}; "
           f"GRPO steps {summary['start_step']} -> {summary['step']} in {summary['wall_s']:.0f} s")
