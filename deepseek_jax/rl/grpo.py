@@ -8,7 +8,7 @@ The objective maximised is
 with r = π_θ(o_t) / π_old(o_t), Â_i = R_i − mean_G(R) (no std division by default), M_i the
 off-policy sequence mask and KL_t a per-token estimate of KL(π_θ ‖ π_ref). Keep Sampling Mask:
 every log π (θ and ref) is renormalised over the token set the sampler's top-p/top-k kept at
-that step (`token_logprobs`). Keep Routing lives in the forward pass (rollout.py).
+that step (`token_logprobs`, from the kept ids). Keep Routing lives in the forward pass (rollout.py).
 
 Batches are flat: B = prompts × G sequences, in prompt-major order (the G samples of a prompt
 are consecutive); T completion positions, with `mask` [B, T] marking real completion tokens.
@@ -83,25 +83,32 @@ def offpolicy_mask(advantages, logp, old_logp, mask, delta: float | None):
     return jnp.where((advantages < 0) & (drift > delta), 0.0, 1.0)
 
 
-def token_logprobs(logits, tokens, kept_mask=None, *, temperature: float = 1.0):
+def token_logprobs(logits, tokens, kept_ids=None, *, temperature: float = 1.0):
     """log π(token) and the entropy of π at each position, π = softmax(logits / τ) renormalised
     over the sampler's kept set (Keep Sampling Mask, spec §8; as sampling.py defines π).
 
-    logits [B, T, V], tokens [B, T], kept_mask [B, T, V] bool or None (every token kept).
-    Returns (logp [B, T], entropy [B, T]) float32.
+    logits [B, T, V], tokens [B, T], kept_ids [B, T, M] int32 or None (every token kept): the
+    ids the sampler's top-p/top-k kept at each position, padded with -1. Storing ids instead of
+    a [B, T, V] mask keeps the batch O(M) per position for a large vocabulary, and the result is
+    the same: π is renormalised over the gathered logits. Every position needs at least one id
+    (off the loss mask a batch puts its target there). Returns (logp [B, T], entropy [B, T]) float32.
     """
     if temperature <= 0:
         raise ValueError(f"temperature: training needs the sampler's τ > 0, got {temperature}")
     scaled = logits.astype(jnp.float32) / temperature
-    if kept_mask is not None:
-        if kept_mask.shape != logits.shape:
-            raise ValueError(f"kept_mask: expected shape {logits.shape} (as logits), got {kept_mask.shape}")
-        scaled = jnp.where(kept_mask, scaled, -jnp.inf)
-    logp_all = jax.nn.log_softmax(scaled, axis=-1)
-    logp = jnp.take_along_axis(logp_all, tokens[..., None], axis=-1)[..., 0]
-    probs = jnp.exp(logp_all)
-    # 0 · log 0 = 0 outside the kept set; zeroing the log first keeps the gradient finite.
-    entropy = -jnp.sum(probs * jnp.where(probs > 0, logp_all, 0.0), axis=-1)
+    if kept_ids is None:
+        logp_all = jax.nn.log_softmax(scaled, axis=-1)
+        logp = jnp.take_along_axis(logp_all, tokens[..., None], axis=-1)[..., 0]
+        return logp, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+    if kept_ids.shape[:-1] != tokens.shape:
+        raise ValueError(f"kept_ids: expected shape {tokens.shape} + [M] (as tokens), got {kept_ids.shape}")
+    valid = kept_ids >= 0
+    gathered = jnp.take_along_axis(scaled, jnp.maximum(kept_ids, 0), axis=-1)        # [B, T, M]
+    log_norm = jax.nn.logsumexp(jnp.where(valid, gathered, -jnp.inf), axis=-1)       # [B, T]
+    logp = jnp.take_along_axis(scaled, tokens[..., None], axis=-1)[..., 0] - log_norm
+    # Padding slots hold 0 (not -inf) before the product, so the entropy's gradient stays finite.
+    logq = jnp.where(valid, gathered - log_norm[..., None], 0.0)
+    entropy = -jnp.sum(jnp.where(valid, jnp.exp(logq), 0.0) * logq, axis=-1)
     return logp, entropy
 
 

@@ -1,10 +1,13 @@
-"""Rule-based outcome rewards (spec §8): exact-answer maths, code graded by its tests in the
-sandbox, and an optional length penalty. A reward function never raises on model output: a
-bad completion (no answer, broken code, a sandbox violation) scores 0 with a reason.
+"""Rule-based rewards (spec §8): exact-answer maths, code graded by its tests in the sandbox, and
+the optional terms: a length penalty, format checks and a language-consistency score. A reward
+function never raises on model output: a bad completion (no answer, broken code, a sandbox
+violation) scores 0 with a reason.
 """
 
+import collections
 import dataclasses
 import re
+import unicodedata
 from fractions import Fraction
 
 from deepseek_jax.rl import sandbox
@@ -58,11 +61,24 @@ def math_reward(completion: str, answer: str) -> Reward:
     return Reward(1.0 if same else 0.0, "correct" if same else "wrong")
 
 
+_CODE_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", flags=re.DOTALL)
+
+
 def extract_code(completion: str) -> str:
     """The last fenced code block of the answer part (```python ... ``` or ``` ... ```), else the
     whole answer part."""
-    blocks = re.findall(r"```(?:python|py)?[ \t]*\n(.*?)```", _final_text(completion), flags=re.DOTALL)
+    blocks = _CODE_BLOCK.findall(_final_text(completion))
     return blocks[-1] if blocks else _final_text(completion)
+
+
+def has_final_answer(completion: str) -> bool:
+    """The maths format: the completion states a final answer (`parse_final_answer`)."""
+    return parse_final_answer(completion) is not None
+
+
+def has_code_block(completion: str) -> bool:
+    """The code format: the answer part holds a fenced code block."""
+    return _CODE_BLOCK.search(_final_text(completion)) is not None
 
 
 def code_reward(completion: str, tests: str, *, timeout_s: float = 5.0, memory_mb: int = 512) -> Reward:
@@ -78,3 +94,23 @@ def length_penalty(num_tokens: int, max_tokens: int, *, budget: float = 0.8, sca
     if num_tokens <= start:
         return 0.0
     return -scale * min(1.0, (num_tokens - start) / max(max_tokens - start, 1.0))
+
+
+_WORD = re.compile(r"[^\W\d_]+")
+
+
+def _script(char: str) -> str:
+    """The Unicode script of a letter, from its name: LATIN, CYRILLIC, CJK, HIRAGANA, ..."""
+    return unicodedata.name(char, "UNKNOWN").split()[0]
+
+
+def language_consistency(completion: str, prompt: str) -> float:
+    """The share of the completion's words written in the prompt's main script (1 when the
+    completion has no words): DeepSeek-R1's language-consistency reward, the proportion of the
+    target language's words, with the script of the letters standing for the language."""
+    letters = collections.Counter(_script(c) for word in _WORD.findall(prompt) for c in word)
+    words = _WORD.findall(completion)
+    if not words or not letters:
+        return 1.0
+    target = letters.most_common(1)[0][0]
+    return sum(_script(w[0]) == target for w in words) / len(words)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from deepseek_jax.rl import grpo
-from deepseek_jax.sampling import log_policy
+from deepseek_jax.sampling import log_policy, sample
 
 
 def test_group_advantages():
@@ -144,27 +144,40 @@ def test_grpo_loss_by_hand():
         grpo.grpo_loss(args[0], args[1], None, args[3], args[4], kl_coef=0.1)
 
 
-def test_token_logprobs_kept_mask():
-    """Renormalising over the kept set equals sampling.log_policy (the sampler's π) at the kept
-    tokens, for top-k and top-p; without a mask it is log_softmax(logits / τ)."""
+def _kept_ids(logits, opts, pad):
+    """The sampler's kept ids per row [R, M + pad], -1 past each row's kept count."""
+    out = sample(logits, jax.random.split(jax.random.key(0), logits.shape[0]), **opts)
+    ids, counts = np.asarray(out.kept_ids), np.asarray(out.kept_counts)
+    ids = np.where(np.arange(ids.shape[1]) < counts[:, None], ids, -1)
+    return np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+
+
+def test_token_logprobs_kept_ids():
+    """Renormalising over the kept ids equals sampling.log_policy (the sampler's π) at the kept
+    tokens, for top-k and top-p, whatever the padding width; the entropy is π's over the kept
+    set and has a finite gradient; without ids it is log_softmax(logits / τ)."""
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.normal(size=(3, 11)) * 2, jnp.float32)
     tokens = jnp.asarray(np.argsort(-np.asarray(logits), axis=-1)[:, :2].T)  # [2, 3]: two kept tokens per row
     for opts in ({"temperature": 0.7, "top_k": 4}, {"temperature": 1.3, "top_p": 0.8}):
         want_all = log_policy(logits, **opts)  # [3, V], -inf outside the kept set
-        kept = jnp.isfinite(want_all)
-        lp, ent = grpo.token_logprobs(jnp.broadcast_to(logits, (2, 3, 11)), tokens,
-                                      jnp.broadcast_to(kept, (2, 3, 11)), temperature=opts["temperature"])
         want = np.take_along_axis(np.asarray(want_all), np.asarray(tokens).T, -1).T
-        np.testing.assert_allclose(lp, want, rtol=1e-5)
         p = np.exp(np.asarray(want_all))
         want_ent = -np.sum(p * np.where(p > 0, np.asarray(want_all), 0.0), -1)
-        np.testing.assert_allclose(ent, np.broadcast_to(want_ent, (2, 3)), rtol=1e-5)
-    grad = jax.grad(lambda x: grpo.token_logprobs(x, tokens, jnp.broadcast_to(kept, (2, 3, 11)))[1].sum())(
-        jnp.broadcast_to(logits, (2, 3, 11)))
-    assert np.isfinite(np.asarray(grad)).all()  # entropy is differentiable despite -inf outside the kept set
-    lp, _ = grpo.token_logprobs(logits[None], tokens[:1], temperature=2.0)
-    np.testing.assert_allclose(lp[0], np.take_along_axis(np.asarray(jax.nn.log_softmax(logits / 2.0)),
-                                                         np.asarray(tokens[0])[:, None], -1)[:, 0], rtol=1e-5)
-    with pytest.raises(ValueError, match="kept_mask"):
-        grpo.token_logprobs(logits[None], tokens[:1], jnp.ones((1, 3, 10), bool))
+        for pad in (0, 5):
+            ids = _kept_ids(logits, opts, pad)
+            kept = jnp.broadcast_to(jnp.asarray(ids), (2,) + ids.shape)
+            lp, ent = grpo.token_logprobs(jnp.broadcast_to(logits, (2, 3, 11)), tokens, kept,
+                                          temperature=opts["temperature"])
+            np.testing.assert_allclose(lp, want, rtol=1e-5)
+            np.testing.assert_allclose(ent, np.broadcast_to(want_ent, (2, 3)), rtol=1e-5)
+    # The entropy is differentiable although padded slots and tokens outside the set are excluded.
+    grad = jax.grad(lambda x: grpo.token_logprobs(x, tokens, kept)[1].sum())(jnp.broadcast_to(logits, (2, 3, 11)))
+    assert np.isfinite(np.asarray(grad)).all() and np.abs(np.asarray(grad)).max() > 0
+    lp, ent = grpo.token_logprobs(logits[None], tokens[:1], temperature=2.0)
+    want_all = np.asarray(jax.nn.log_softmax(logits / 2.0))
+    np.testing.assert_allclose(lp[0], np.take_along_axis(want_all, np.asarray(tokens[0])[:, None], -1)[:, 0],
+                               rtol=1e-5)
+    np.testing.assert_allclose(ent[0], -np.sum(np.exp(want_all) * want_all, -1), rtol=1e-5)
+    with pytest.raises(ValueError, match="kept_ids"):
+        grpo.token_logprobs(logits[None], tokens[:1], jnp.zeros((1, 2, 4), jnp.int32))

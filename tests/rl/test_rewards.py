@@ -89,3 +89,18 @@ def test_length_penalty():
     assert rewards.length_penalty(50, 100) == 0.0
     assert rewards.length_penalty(90, 100) == pytest.approx(-0.25)
     assert rewards.length_penalty(100, 100) == pytest.approx(-0.5)
+
+
+def test_format_checks():
+    assert rewards.has_final_answer(" 12") and not rewards.has_final_answer(" twelve")
+    assert rewards.has_code_block("```python\ndef f(x):\n    return x\n```")
+    assert not rewards.has_code_block("def f(x):\n    return x")
+    assert not rewards.has_code_block("```python\nx = 1\n```</think>no block in the answer")
+
+
+def test_language_consistency():
+    assert rewards.language_consistency("the answer is seven", "What is 3+4?") == 1.0
+    assert rewards.language_consistency("the answer мир", "What is 3+4?") == 2 / 3
+    assert rewards.language_consistency("答案 is 7", "问题是什么") == 0.5
+    assert rewards.language_consistency(" 7", "Q: 3+4 A:") == 1.0  # no words: nothing inconsistent
+    assert rewards.language_consistency("word", "3+4") == 1.0      # a prompt without words sets no language

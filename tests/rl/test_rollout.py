@@ -34,28 +34,33 @@ def test_groups_and_batch_layout(setup):
     assert len(ro.generations) == 6 and ro.prompts == [prompts[0]] * 3 + [prompts[1]] * 3
     assert len({tuple(g.tokens) for g in ro.generations}) > 2  # samples differ
     assert ro.truncated == sum(len(g.tokens) == NEW and g.finish_reason == "length" for g in ro.generations)
-    batch = rollout.build_batch(ro, cfg)
+    batch = rollout.build_batch(ro.trajectories(), cfg)
     b, s = batch.inputs.shape
     assert b == 6 and s % rollout.LENGTH_BUCKET == 0
-    assert batch.kept_mask.shape == (b, s, cfg.vocab_size)
+    assert batch.kept_ids.shape == (b, s, 32)  # top-k 20, rounded up to a power of two
     assert batch.routes.shape == (cfg.num_moe_layers, b, s, cfg.num_experts_per_tok)
     for i, (p, g) in enumerate(zip(ro.prompts, ro.generations)):
         np.testing.assert_array_equal(batch.targets[i][batch.loss_mask[i]], g.tokens)
         np.testing.assert_array_equal(batch.old_logp[i][batch.loss_mask[i]], g.logprobs)
         assert np.flatnonzero(batch.loss_mask[i])[0] == len(p) - 1
         np.testing.assert_array_equal(batch.inputs[i, :len(p)], p)
-        assert batch.kept_mask[i][batch.loss_mask[i]].sum(-1).tolist() == [20] * len(g.tokens)
+        kept = batch.kept_ids[i][batch.loss_mask[i]]
+        np.testing.assert_array_equal(kept[:, :20], g.kept_ids.reshape(-1, 20))
+        assert (kept[:, 20:] == -1).all()
+        off = ~batch.loss_mask[i] & (np.arange(s) < len(p) + len(g.tokens) - 1)  # prompt positions: target only
+        np.testing.assert_array_equal(batch.kept_ids[i][off][:, 0], batch.targets[i][off])
+        assert (batch.kept_ids[i][off][:, 1:] == -1).all()
 
 
 def test_replayed_logprobs_match_sampler(setup):
     cfg, params, _, ro = setup
-    batch = rollout.build_batch(ro, cfg)
+    batch = rollout.build_batch(ro.trajectories(), cfg)
     logp, entropy = rollout.policy_logprobs(params, cfg, batch, temperature=1.0)
     m = batch.loss_mask
     np.testing.assert_allclose(np.asarray(logp)[m], batch.old_logp[m], atol=1e-5)
     assert np.all(np.asarray(entropy)[m] <= np.log(20) + 1e-5)  # entropy over the 20 kept tokens
     # Without the sampling mask π_θ spreads over the whole vocabulary: log π is lower.
-    unmasked = rollout.build_batch(ro, cfg, keep_sampling_mask=False)
+    unmasked = rollout.build_batch(ro.trajectories(), cfg, keep_sampling_mask=False)
     free, _ = rollout.policy_logprobs(params, cfg, unmasked, temperature=1.0)
     assert np.all(np.asarray(free)[m] < batch.old_logp[m] - 1e-4)
 
@@ -71,7 +76,7 @@ def test_replayed_logprobs_match_sampler(setup):
 def test_grpo_gradient_through_policy(setup):
     """The loss is differentiable in params through the replayed forward, and its gradient is finite."""
     cfg, params, _, ro = setup
-    batch = rollout.build_batch(ro, cfg)
+    batch = rollout.build_batch(ro.trajectories(), cfg)
     adv = grpo.group_advantages(np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])).reshape(-1)
 
     def loss_fn(p):
@@ -92,4 +97,4 @@ def test_errors(setup):
         rollout.sample_groups(params, cfg, prompts, 2, 4, temperature=0.0)
     no_routes = rollout.Rollout(ro.prompts, [g.__class__(**{**g.__dict__, "routes": None}) for g in ro.generations], 3)
     with pytest.raises(ValueError, match="keep_routing"):
-        rollout.build_batch(no_routes, cfg)
+        rollout.build_batch(no_routes.trajectories(), cfg)

@@ -23,7 +23,7 @@ def setup():
 
 def test_steps_follow_the_advantage(setup):
     cfg, params, ro = setup
-    batch = rollout.build_batch(ro, cfg)
+    batch = rollout.build_batch(ro.trajectories(), cfg)
     rewards = np.array([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
     adv = np.asarray(grpo.group_advantages(rewards)).reshape(-1)
     ref = reference_logprobs(params, cfg, batch)

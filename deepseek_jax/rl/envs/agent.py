@@ -10,9 +10,12 @@ Python verifier that reads the final answer and the database state. Difficulty g
      (list, lookups, a state-changing order; verified on the database, not on the text)
 
 As in the paper, an environment is kept only when its reference solution (Python over the same
-tools) passes the verifier; otherwise the seed moves on. `run_episode` plays a policy through
-`chat.run_tool_loop` (tool results fed back, thinking retained within the turn) and scores it;
-a malformed completion scores 0, never raises.
+tools) passes the verifier; otherwise the seed moves on. `run_episode` plays a text policy
+through `chat.run_tool_loop` (tool results fed back, thinking retained within the turn) and
+scores it; `AgentGame` is the same episode as a game for token-level rollouts
+(rl/multiturn.py): each reply is parsed, its tool calls run (`chat.call_tool`) and the results
+rendered by `encode_messages` after the reply's own tokens. A malformed completion scores 0,
+never raises.
 """
 
 import copy
@@ -22,7 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from deepseek_jax.chat import CompletionError, run_tool_loop
+from deepseek_jax.chat import (
+    CompletionError,
+    call_tool,
+    encode_messages,
+    parse_completion,
+    run_tool_loop,
+)
 from deepseek_jax.rl.rewards import Reward, parse_final_answer
 
 LEVELS = (1, 2, 3)
@@ -155,6 +164,15 @@ def make_env(level: int, seed: int) -> AgentEnv:
     raise ValueError(f"make_env: no solvable environment for level {level}, seed {seed} in 100 attempts")
 
 
+def _verdict(env: AgentEnv, history: list[dict]) -> Reward:
+    """The verifier's reward for a finished conversation: "correct", "wrong" or "unfinished"."""
+    last = history[-1]
+    if last["role"] != "assistant" or last.get("tool_calls"):
+        return Reward(0.0, "unfinished")
+    solved = env.verify(last.get("content") or "", env.db)
+    return Reward(1.0 if solved else 0.0, "correct" if solved else "wrong")
+
+
 def run_episode(complete: Callable[[str], str], env: AgentEnv, *, thinking_mode: str = "chat",
                 max_steps: int = 8) -> tuple[list[dict], Reward]:
     """Plays `complete` (prompt text -> completion text) through the tool loop on a copy of the
@@ -166,9 +184,44 @@ def run_episode(complete: Callable[[str], str], env: AgentEnv, *, thinking_mode:
                                 max_steps=max_steps)
     except CompletionError:
         return env.messages(), Reward(0.0, "malformed")
-    last = history[-1]
-    if last["role"] != "assistant" or last.get("tool_calls"):
-        return history, Reward(0.0, "unfinished")
-    solved = env.verify(last.get("content") or "", env.db)
-    return history, Reward(1.0 if solved else 0.0, "correct" if solved else "wrong")
+    return history, _verdict(env, history)
 
+
+class AgentGame:
+    """One episode of `env` (on a copy of its database) for `multiturn.play`.
+
+    reward(): the verifier's verdict once the model answers without tool calls; "malformed" for
+    a reply the chat format cannot parse, "truncated" for a reply cut by max_new_tokens, else
+    "unfinished" (the episode ran out of turns or context)."""
+
+    def __init__(self, env: AgentEnv, thinking_mode: str = "chat"):
+        self.env = dataclasses.replace(env, db=copy.deepcopy(env.db))
+        self.thinking_mode, self.tools = thinking_mode, self.env.tools()
+        self.history, self.outcome = self.env.messages(), None
+
+    def opening(self) -> str:
+        return encode_messages(self.history, self.thinking_mode)
+
+    def respond(self, completion: str, truncated: bool) -> str | None:
+        if truncated:
+            self.outcome = Reward(0.0, "truncated")
+            return None
+        try:
+            reply = parse_completion(completion, self.thinking_mode)
+        except CompletionError:
+            self.outcome = Reward(0.0, "malformed")
+            return None
+        self.history.append(reply)
+        if not reply["tool_calls"]:
+            self.outcome = _verdict(self.env, self.history)
+            return None
+        results = [{"role": "tool", "content": call_tool(self.tools, call)} for call in reply["tool_calls"]]
+        observation = encode_messages(results, self.thinking_mode, context=self.history)
+        self.history += results
+        return observation
+
+    def reward(self) -> Reward:
+        return self.outcome or Reward(0.0, "unfinished")
+
+    def well_formed(self) -> bool:
+        return self.outcome is None or self.outcome.reason not in ("malformed", "truncated")
