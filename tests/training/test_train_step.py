@@ -58,7 +58,9 @@ def test_one_step_per_stage(setup, stage):
         assert m["indexer_kl"] > 0 and 0 < m["indexer_recall"] <= 1 + 1e-6 and m["grad_norm"] == 0
     elif stage == "sparse":
         assert indexer <= trained and any("lm_head" in k for k in trained)
-        assert any("gate_bias" in k for k in trained)  # moved by the bias rule, not the optimizer
+        # Moved by the bias rule, not the optimizer: the main MoE layers' and the MTP block's.
+        assert any("moe_layers" in k and "gate_bias" in k for k in trained)
+        assert any("mtp_0" in k and "gate_bias" in k for k in trained)
         assert m["indexer_grad_norm"] > 0 and m["grad_norm"] > 0
     else:
         assert not trained & indexer and m["indexer_kl"] == 0
@@ -89,13 +91,35 @@ def test_gradient_isolation_in_sparse_stage(setup):
 
 
 def test_bias_update_direction():
-    """Overloaded experts' bias goes down by γ, underloaded ones' up (spec §5); nothing else moves."""
-    params = {"moe_layers": {"mlp": {"gate_bias": jnp.zeros((2, 4)), "gate": jnp.ones((2, 3, 4))}}}
-    load = jnp.array([[10.0, 0.0, 5.0, 5.0], [1.0, 2.0, 3.0, 6.0]])
-    new = ts.update_gate_bias(params, load, 0.01)
+    """Overloaded experts' bias goes down by γ, underloaded ones' up (spec §5), in the stacked MoE
+    layers and in the (unstacked) MTP block alike; nothing else moves."""
+    moe = lambda shape: {"mlp": {"gate_bias": jnp.zeros(shape), "gate": jnp.ones(shape + (3,))}}
+    params = {"moe_layers": moe((2, 4)), "mtp_0": {"block": moe((4,))}, "dense_layers": {"mlp": {"w": jnp.ones(2)}}}
+    loads = {"moe_layers": jnp.array([[10.0, 0.0, 5.0, 5.0], [1.0, 2.0, 3.0, 6.0]]),
+             "mtp_0": jnp.array([[0.0, 4.0, 4.0, 0.0]])}
+    new = ts.update_gate_bias(params, loads, 0.01)
     np.testing.assert_allclose(new["moe_layers"]["mlp"]["gate_bias"],
                                [[-0.01, 0.01, 0.0, 0.0], [0.01, 0.01, 0.0, -0.01]])
-    np.testing.assert_array_equal(new["moe_layers"]["mlp"]["gate"], params["moe_layers"]["mlp"]["gate"])
+    np.testing.assert_allclose(new["mtp_0"]["block"]["mlp"]["gate_bias"], [0.01, -0.01, -0.01, 0.01])
+    for path, x in jax.tree_util.tree_leaves_with_path(new):
+        if "gate_bias" not in jax.tree_util.keystr(path):
+            np.testing.assert_array_equal(x, 1.0)
+
+
+def test_balance_loss_covers_mtp(setup):
+    """L_Bal = α Σ f_i P_i over every MoE layer, the MTP block's included (spec §5); the loads
+    handed to the bias update cover the MTP block too."""
+    params, batch = setup
+    inputs, targets, mask = (jnp.asarray(batch[k][0]) for k in ("inputs", "targets", "mask"))
+    lc = ts.LossConfig(dsa_stage="off", balance_weight=0.5)
+    aux, (_, (parts, loads)) = jax.jit(lambda p: (Transformer(CFG).apply({"params": p}, inputs)[1],
+                                                  ts.loss_fn(p, inputs, targets, mask, cfg=CFG, lc=lc)))(params)
+    assert aux["mtp_balance"].shape == (CFG.num_nextn_predict_layers,) and float(aux["mtp_balance"][0]) > 0
+    want = 0.5 * (np.sum(aux["balance"]) + np.sum(aux["mtp_balance"]))
+    np.testing.assert_allclose(float(parts["balance_loss"]), want, rtol=1e-6)
+    assert sorted(loads) == ["moe_layers", "mtp_0"]
+    n_routed = inputs.size * CFG.num_experts_per_tok
+    np.testing.assert_array_equal(np.asarray(loads["mtp_0"]).sum(-1), [n_routed])
 
 
 @pytest.mark.slow
