@@ -26,13 +26,12 @@ from ml_collections import config_flags
 
 from deepseek_jax.checkpoint.orbax import CheckpointManager
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.params import abstract_params
 from deepseek_jax.generate import generate
+from deepseek_jax.params import abstract_params
 from deepseek_jax.training import data, dsa, metrics, train_step
 from deepseek_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from sharding import rules as rules_lib
 from sharding.mesh import initialize, make_mesh
-
 
 
 class NonFiniteLossError(RuntimeError):
@@ -166,6 +165,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, batches=None, device
         signal.signal(signal.SIGTERM, previous)
         bar.close()
         manager.close()
+        if events:
+            events.close()
     return {"start_step": start, "step": step, "history": history, "state": state, "cfg": cfg,
             "tokenizer": tokenizer, "preempted": bool(preempted), "wall_s": time.perf_counter() - wall0}
 
