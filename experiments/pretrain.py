@@ -193,7 +193,7 @@ def main(argv):
               f"loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f} "
               f"(lm {history[0]['lm_loss']:.3f} -> {history[-1]['lm_loss']:.3f}); "
               f"{history[-1]['tokens_per_s']:.0f} tokens/s")
-    if summary["preempted"]:
+    if summary["preempted"] or config.sample_tokens <= 0:
         return
     text = sample(summary["state"]["params"], summary["cfg"], summary["tokenizer"], config.sample_prompt,
                   config.sample_tokens, config.sample_temperature, config.seed)
