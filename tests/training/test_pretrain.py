@@ -155,6 +155,42 @@ def test_kill_9_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
     np.testing.assert_allclose([r["loss"] for r in records], [want[r["step"]] for r in records], rtol=0, atol=1e-6)
 
 
+def test_init_from_starts_from_the_other_runs_params(uninterrupted, tmp_path, monkeypatch):
+    """`init_from` (how the sparse stage starts from a warm-up): step 1 starts from that run's
+    last params, with its tokenizer, a fresh data iterator and step count."""
+    full_dir, full = uninterrupted
+    workdir = str(tmp_path)
+    config = _config(init_from=full_dir)
+    make_step, first_params = pretrain.train_step.make_train_step, []
+
+    def recording_make_step(*args, **kwargs):
+        step = make_step(*args, **kwargs)
+
+        def run(state, batch):
+            if not first_params:  # copied before the step donates it
+                first_params.append(jax.device_get(state["params"]))
+            return step(state, batch)
+        return run
+    monkeypatch.setattr(pretrain.train_step, "make_train_step", recording_make_step)
+
+    def stop_after_one(n, batch):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return batch
+    summary = pretrain.run(config, workdir, batches=_Batches(_iterator(config, workdir), stop_after_one),
+                           devices=ONE_DEVICE, progress=False)
+    assert summary["start_step"] == 0 and summary["step"] == 1
+    for a, b in zip(jax.tree.leaves(first_params[0]), jax.tree.leaves(full["state"]["params"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with open(os.path.join(workdir, "tokenizer.json")) as f, open(os.path.join(full_dir, "tokenizer.json")) as g:
+        assert json.load(f)["model"] == json.load(g)["model"]
+    with CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
+        restored = manager.restore(params_target=abstract_params(pretrain.model_config(config)))
+    assert restored["step"] == 1 and restored["data_state"]["position"] == config.batch_size
+    with pytest.raises(ValueError, match="init_from: no directory"):
+        pretrain.run(_config(init_from=str(tmp_path / "missing")), str(tmp_path / "other"), devices=ONE_DEVICE,
+                     progress=False)
+
+
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     workdir = str(tmp_path)
     config = _config()
