@@ -122,6 +122,22 @@ def test_balance_loss_covers_mtp(setup):
     np.testing.assert_array_equal(np.asarray(loads["mtp_0"]).sum(-1), [n_routed])
 
 
+def test_accumulation_equals_one_big_batch(setup):
+    """Gradients, loss parts and expert loads of 2 micro-batches x 2 sequences equal those of one
+    batch of 4 (micro-batches weighted by their real tokens)."""
+    params, batch = setup
+    whole = {k: v.reshape(1, 4, -1)[..., :16] for k, v in batch.items()}
+    split = {k: v.reshape(2, 2, 16) for k, v in whole.items()}
+    grads = jax.jit(lambda p, b: ts.accumulated_grads(p, b, cfg=CFG, lc=ts.LossConfig(dsa_stage="off")))
+    (g1, parts1, load1), (g2, parts2, load2) = grads(params, whole), grads(params, split)
+    for key in parts1:
+        np.testing.assert_allclose(parts2[key], parts1[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    for key in load1:
+        np.testing.assert_array_equal(load2[key], load1[key])
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g2), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+
+
 @pytest.mark.slow
 def test_sharded_step_equals_one_device(setup):
     """Two steps on an 8-way data-parallel mesh (the batch split) and on one device give the same
