@@ -4,7 +4,9 @@ Both block groups are stacked with `nn.scan`, so compile time does not grow with
 params carry a leading "layers" axis. `__call__` returns (logits [B, T, V] float32, aux) where
 aux holds, per MoE layer, the expert loads [L, E] and balance statistics [L]; with
 `return_indices`, the indexer selections per layer ({"dense"|"moe"|"mtp"}: [L, B, T, K]); and
-when MTP runs, `mtp_logits` [depth, B, T, V] (position i at depth k predicts token i + k + 1);
+when MTP runs, `mtp_logits` [depth, B, T, V] (position i at depth k predicts token i + k + 1) and
+its MoE blocks' `mtp_expert_load` [depth, E] and `mtp_balance` [depth] (they are trained and
+balanced like the main MoE layers);
 with `return_routes`, `routes`: the experts chosen at every MoE layer [L, B, T, K]; with
 `return_hidden`, `hidden`: the final-normed hidden state [B, T, D] (the MTP input). With
 `logits_at` [B, T'] (positions), the main logits are computed only there: [B, T', V].
@@ -31,7 +33,6 @@ from deepseek_jax.layers.block import Block
 from deepseek_jax.layers.mtp import MTP
 from deepseek_jax.layers.norms import RMSNorm
 from deepseek_jax.layers.rope import rope_cos_sin
-
 
 _REMAT = {"dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
           "full": jax.checkpoint_policies.nothing_saveable}
@@ -129,16 +130,19 @@ class Transformer(nn.Module):
             aux["cache"] = Cache(layers=groups, lengths=cache.lengths + t)
 
         if with_mtp and cfg.num_nextn_predict_layers:
-            mtp_logits, mtp_indices = [], []
+            mtp_logits, mtp_indices, mtp_load, mtp_balance = [], [], [], []
             h = hidden
             for depth in range(1, cfg.num_nextn_predict_layers + 1):
                 # Position i reads token i + depth; the last `depth` positions see padding (id 0).
                 shifted = jnp.pad(tokens[:, depth:], ((0, 0), (0, depth)))
                 h, normed, mtp_aux = MTP(cfg, mode, return_indices, name=f"mtp_{depth - 1}")(h, embed(shifted), cos, sin)
                 mtp_logits.append(logits_of(normed))
+                mtp_load.append(mtp_aux["expert_load"])
+                mtp_balance.append(mtp_aux["balance"])
                 if "indices" in mtp_aux:
                     mtp_indices.append(mtp_aux["indices"])
             aux["mtp_logits"] = jnp.stack(mtp_logits)
+            aux["mtp_expert_load"], aux["mtp_balance"] = jnp.stack(mtp_load), jnp.stack(mtp_balance)
             if mtp_indices:
                 aux["indices"]["mtp"] = jnp.stack(mtp_indices)
         return logits, aux

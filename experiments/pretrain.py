@@ -26,13 +26,12 @@ from ml_collections import config_flags
 
 from deepseek_jax.checkpoint.orbax import CheckpointManager
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.params import abstract_params
 from deepseek_jax.generate import generate
+from deepseek_jax.params import abstract_params
 from deepseek_jax.training import data, dsa, metrics, train_step
 from deepseek_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from sharding import rules as rules_lib
 from sharding.mesh import initialize, make_mesh
-
 
 
 class NonFiniteLossError(RuntimeError):
@@ -44,24 +43,39 @@ def model_config(config) -> ModelConfig:
     return ModelConfig.preset(config.model.preset, **overrides)
 
 
+def _init_from_dirs(path: str) -> tuple[str, str]:
+    """(workdir, checkpoint directory) of `--config.init_from`: a workdir or its checkpoints/."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"init_from: no directory at {path!r} (expected a workdir or its checkpoints/)")
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return path, os.path.join(path, "checkpoints")
+    return os.path.dirname(path), path
+
+
 def load_tokenizer_and_stream(config, workdir: str, cfg: ModelConfig):
-    """The tokenizer (given, saved in the workdir, or trained and saved there) and the packed corpus."""
+    """The tokenizer and the packed corpus. The tokenizer is `config.tokenizer`, else the one saved
+    in the workdir (a resumed run), else the init_from run's (the token ids its params learnt),
+    else a BPE trained on the corpus; the last two are saved in the workdir."""
     docs = data.load_documents(config.data, config.data_max_bytes)
     saved = os.path.join(workdir, "tokenizer.json")
+    inherited = os.path.join(_init_from_dirs(config.init_from)[0], "tokenizer.json") if config.init_from else ""
     if config.tokenizer:
         tokenizer = data.load_tokenizer(config.tokenizer, cfg.vocab_size)
     elif os.path.isfile(saved):
         tokenizer = data.load_tokenizer(saved, cfg.vocab_size)
     else:
-        tokenizer = data.train_tokenizer(docs, cfg.vocab_size)
+        if os.path.isfile(inherited):
+            tokenizer = data.load_tokenizer(inherited, cfg.vocab_size)
+        else:
+            tokenizer = data.train_tokenizer(docs, cfg.vocab_size)
         if jax.process_index() == 0:
             tokenizer.save(saved)
     return tokenizer, data.pack(tokenizer, docs)
 
 
 def _restore_params(path: str, target):
-    directory = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-    with CheckpointManager(directory) as manager:
+    with CheckpointManager(_init_from_dirs(path)[1]) as manager:
         restored = manager.restore(params_target=target)
     return restored["params"], restored["step"]
 
@@ -166,6 +180,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, batches=None, device
         signal.signal(signal.SIGTERM, previous)
         bar.close()
         manager.close()
+        if events:
+            events.close()
     return {"start_step": start, "step": step, "history": history, "state": state, "cfg": cfg,
             "tokenizer": tokenizer, "preempted": bool(preempted), "wall_s": time.perf_counter() - wall0}
 
@@ -192,7 +208,7 @@ def main(argv):
               f"loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f} "
               f"(lm {history[0]['lm_loss']:.3f} -> {history[-1]['lm_loss']:.3f}); "
               f"{history[-1]['tokens_per_s']:.0f} tokens/s")
-    if summary["preempted"]:
+    if summary["preempted"] or config.sample_tokens <= 0:
         return
     text = sample(summary["state"]["params"], summary["cfg"], summary["tokenizer"], config.sample_prompt,
                   config.sample_tokens, config.sample_temperature, config.seed)

@@ -81,6 +81,9 @@ def test_aux_outputs(tiny):
     assert aux["balance"].shape == (cfg.num_moe_layers,) and np.all(np.asarray(aux["balance"]) > 0)
     assert aux["indices"]["moe_layers"].shape == (cfg.num_moe_layers,) + tokens.shape + (cfg.index_topk,)
     assert aux["indices"]["mtp"].shape == (1,) + tokens.shape + (cfg.index_topk,)
+    assert aux["mtp_expert_load"].shape == (1, cfg.n_routed_experts)
+    assert np.all(np.asarray(aux["mtp_expert_load"]).sum(-1) == n_tokens * cfg.num_experts_per_tok)
+    assert aux["mtp_balance"].shape == (1,) and float(aux["mtp_balance"][0]) > 0
 
 
 def test_bf16_compute_tracks_float32(tiny):

@@ -1,20 +1,14 @@
-"""Training metrics: a FLOP estimate (TFLOP/s, MFU) and writers for JSON lines and TensorBoard.
-
-No TensorBoard package is needed: `EventWriter` writes the event-file format itself (TFRecord
-framing with masked CRC-32C around hand-encoded `Event{wall_time, step, summary{tag,
-simple_value}}` protobufs), which TensorBoard reads like any other scalar log.
+"""Training metrics: a FLOP estimate (TFLOP/s, MFU) and writers for JSON lines and TensorBoard
+(scalar event files through `tensorboardX`, which needs no TensorFlow).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import struct
-import time
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
 
 # Dense bf16 peak FLOP/s per device, by substring of `device_kind` (first match wins).
 _PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("v6", 918e12), ("v5p", 459e12),
@@ -51,65 +45,17 @@ def append_jsonl(path: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _crc32c_table():
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
-        table.append(crc)
-    return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def _masked_crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    crc ^= 0xFFFFFFFF
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _event(wall_time: float, step: int = 0, *, file_version: str | None = None, scalars: dict | None = None) -> bytes:
-    msg = b"\x09" + struct.pack("<d", wall_time) + b"\x10" + _varint(step)
-    if file_version is not None:
-        msg += _field(3, file_version.encode())
-    if scalars:
-        values = b"".join(_field(1, _field(1, tag.encode()) + b"\x15" + struct.pack("<f", value))
-                          for tag, value in scalars.items())
-        msg += _field(5, values)
-    return msg
-
-
 class EventWriter:
-    """Scalars into a TensorBoard event file in `logdir`."""
+    """Scalars into a TensorBoard event file in `logdir`, flushed at each call so a killed run
+    keeps every logged step."""
 
     def __init__(self, logdir: str):
-        os.makedirs(logdir, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-        self.path = os.path.join(logdir, name)
-        self._record(_event(time.time(), file_version="brain.Event:2"))
-
-    def _record(self, data: bytes) -> None:
-        header = struct.pack("<Q", len(data))
-        with open(self.path, "ab") as f:
-            f.write(header + struct.pack("<I", _masked_crc32c(header)) + data + struct.pack("<I", _masked_crc32c(data)))
+        self._writer = SummaryWriter(logdir)
 
     def scalars(self, step: int, values: dict) -> None:
-        self._record(_event(time.time(), step, scalars={k: float(v) for k, v in values.items()}))
+        for tag, value in values.items():
+            self._writer.add_scalar(tag, float(value), step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()

@@ -6,7 +6,9 @@ In the dense warm-up only the indexer KL is differentiated (everything else is f
 terms are still reported). Micro-batches ([A, B, T] inputs, scanned) are weighted by their real
 token counts, so the step equals one step on the whole batch. After the update each MoE
 layer's selection bias moves by b += γ · sign(mean load − load) (spec §5), outside the gradient
-(not in the dense warm-up, which freezes all but the indexers).
+(not in the dense warm-up, which freezes all but the indexers). The MTP modules' MoE blocks are
+MoE layers like the others: their balance statistic joins the balance loss and their bias moves
+by the same rule (when MTP runs, i.e. λ > 0).
 
 The step is `jax.jit`-ed with explicit in/out shardings on a mesh (`sharding.rules` place the
 params by their logical axes; the optimizer state follows the params; the batch is split on
@@ -46,8 +48,17 @@ class LossConfig:
         dsa.check_stage(self.dsa_stage)
 
 
+def expert_loads(aux) -> dict:
+    """Token counts per expert of every MoE layer that ran, keyed by the top-level param scope
+    that holds its `gate_bias`: {"moe_layers": [L, E], "mtp_0": [1, E], ...} float32."""
+    loads = {"moe_layers": aux["expert_load"]} if "expert_load" in aux else {}
+    for depth, load in enumerate(aux.get("mtp_expert_load", ())):
+        loads[f"mtp_{depth}"] = load[None]
+    return jax.tree.map(lambda x: x.astype(jnp.float32), loads)
+
+
 def loss_fn(params, inputs, targets, mask, *, cfg, lc: LossConfig):
-    """(total loss, (parts dict of float32 scalars, expert load [L, E])) on one batch [B, T]."""
+    """(total loss, (parts dict of float32 scalars, `expert_loads`)) on one batch [B, T]."""
     stage = lc.dsa_stage
     with_mtp = bool(cfg.num_nextn_predict_layers) and lc.mtp_weight > 0
     (logits, aux), state = Transformer(cfg).apply(
@@ -55,7 +66,8 @@ def loss_fn(params, inputs, targets, mask, *, cfg, lc: LossConfig):
         mutable=["intermediates"] if stage != "off" else [])
     parts = {"lm_loss": losses.lm_loss(logits, targets, mask)}
     parts["mtp_loss"] = losses.mtp_loss(aux["mtp_logits"], targets, mask, lc.mtp_weight) if with_mtp else 0.0
-    parts["balance_loss"] = losses.balance_loss(aux["balance"], lc.balance_weight) if "balance" in aux else 0.0
+    balance = [aux[k] for k in ("balance", "mtp_balance") if k in aux]
+    parts["balance_loss"] = losses.balance_loss(jnp.concatenate(balance), lc.balance_weight) if balance else 0.0
     total = parts["lm_loss"] + parts["mtp_loss"] + parts["balance_loss"]
     if stage != "off":
         kl, recall = dsa.indexer_terms(params, state["intermediates"], cfg, stage, mask,
@@ -66,8 +78,7 @@ def loss_fn(params, inputs, targets, mask, *, cfg, lc: LossConfig):
     else:
         parts.update(indexer_kl=0.0, indexer_recall=0.0)
     parts["loss"] = total
-    load = aux.get("expert_load", jnp.zeros((0, cfg.n_routed_experts), jnp.int32))
-    return total, (jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), parts), load)
+    return total, (jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), parts), expert_loads(aux))
 
 
 def accumulated_grads(params, batch, *, cfg, lc: LossConfig):
@@ -76,7 +87,7 @@ def accumulated_grads(params, batch, *, cfg, lc: LossConfig):
 
     def micro_loss(p, mb, share):
         total, (parts, load) = loss_fn(p, mb["inputs"], mb["targets"], mb["mask"], cfg=cfg, lc=lc)
-        return total * share, (jax.tree.map(lambda x: x * share, parts), load.astype(jnp.float32))
+        return total * share, (jax.tree.map(lambda x: x * share, parts), load)
 
     def micro(carry, mb):
         share = jnp.sum(mb["mask"].astype(jnp.float32)) / total_tokens
@@ -91,20 +102,21 @@ def accumulated_grads(params, batch, *, cfg, lc: LossConfig):
     return grads, parts, load
 
 
-def update_gate_bias(params, load, rate):
-    """b += γ · sign(mean load − load) for each MoE layer's selection bias; load [L, E]."""
-    if load.shape[0] == 0:
-        return params
-    delta = rate * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
-
+def update_gate_bias(params, loads, rate):
+    """b += γ · sign(mean load − load) for every MoE selection bias with a load in `loads`
+    (`expert_loads`: top-level scope -> [n, E], n = the bias's leading layer dims)."""
     def update(path, x):
         names = [getattr(k, "key", None) for k in path]
-        return x + delta.astype(x.dtype) if names == ["moe_layers", "mlp", "gate_bias"] else x
+        if names[-2:] != ["mlp", "gate_bias"] or names[0] not in loads:
+            return x
+        load = loads[names[0]]
+        delta = rate * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
+        return x + delta.reshape(x.shape).astype(x.dtype)
     return jax.tree_util.tree_map_with_path(update, params)
 
 
 def _group_norm(grads, labels, group):
-    return optax.global_norm(jax.tree.map(lambda g, lab: g if lab == group else jnp.zeros_like(g), grads, labels))
+    return optax.tree.norm(jax.tree.map(lambda g, lab: g if lab == group else jnp.zeros_like(g), grads, labels))
 
 
 def train_step(state, batch, *, cfg, lc: LossConfig, tx):
@@ -118,8 +130,9 @@ def train_step(state, batch, *, cfg, lc: LossConfig, tx):
     labels = param_labels(params, lc.dsa_stage)
     metrics = dict(parts, grad_norm=_group_norm(grads, labels, "main"),
                    indexer_grad_norm=_group_norm(grads, labels, "indexer"))
-    if load.shape[0]:
-        metrics["expert_load_max_over_mean"] = jnp.max(jnp.max(load, -1) / jnp.maximum(jnp.mean(load, -1), 1e-9))
+    if load:
+        rows = jnp.concatenate(list(load.values()))
+        metrics["expert_load_max_over_mean"] = jnp.max(jnp.max(rows, -1) / jnp.maximum(jnp.mean(rows, -1), 1e-9))
     return {"params": params, "opt_state": opt_state}, metrics
 
 

@@ -41,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.tokenizer = ""              # a tokenizer.json; empty = train a byte-level BPE (saved in the workdir)
     # Sampling at the end of the run
     c.sample_prompt = "import os\n\n\ndef"  # no trailing space: byte-level BPE glues spaces to the next word
-    c.sample_tokens = 48
+    c.sample_tokens = 48          # 0 = no sample
     c.sample_temperature = 0.0    # 0 = greedy
     c.peak_tflops = 0.0           # per device, for MFU; 0 = known accelerators only
     return c

@@ -58,7 +58,9 @@ def test_one_step_per_stage(setup, stage):
         assert m["indexer_kl"] > 0 and 0 < m["indexer_recall"] <= 1 + 1e-6 and m["grad_norm"] == 0
     elif stage == "sparse":
         assert indexer <= trained and any("lm_head" in k for k in trained)
-        assert any("gate_bias" in k for k in trained)  # moved by the bias rule, not the optimizer
+        # Moved by the bias rule, not the optimizer: the main MoE layers' and the MTP block's.
+        assert any("moe_layers" in k and "gate_bias" in k for k in trained)
+        assert any("mtp_0" in k and "gate_bias" in k for k in trained)
         assert m["indexer_grad_norm"] > 0 and m["grad_norm"] > 0
     else:
         assert not trained & indexer and m["indexer_kl"] == 0
@@ -89,35 +91,77 @@ def test_gradient_isolation_in_sparse_stage(setup):
 
 
 def test_bias_update_direction():
-    """Overloaded experts' bias goes down by γ, underloaded ones' up (spec §5); nothing else moves."""
-    params = {"moe_layers": {"mlp": {"gate_bias": jnp.zeros((2, 4)), "gate": jnp.ones((2, 3, 4))}}}
-    load = jnp.array([[10.0, 0.0, 5.0, 5.0], [1.0, 2.0, 3.0, 6.0]])
-    new = ts.update_gate_bias(params, load, 0.01)
+    """Overloaded experts' bias goes down by γ, underloaded ones' up (spec §5), in the stacked MoE
+    layers and in the (unstacked) MTP block alike; nothing else moves."""
+    moe = lambda shape: {"mlp": {"gate_bias": jnp.zeros(shape), "gate": jnp.ones(shape + (3,))}}
+    params = {"moe_layers": moe((2, 4)), "mtp_0": {"block": moe((4,))}, "dense_layers": {"mlp": {"w": jnp.ones(2)}}}
+    loads = {"moe_layers": jnp.array([[10.0, 0.0, 5.0, 5.0], [1.0, 2.0, 3.0, 6.0]]),
+             "mtp_0": jnp.array([[0.0, 4.0, 4.0, 0.0]])}
+    new = ts.update_gate_bias(params, loads, 0.01)
     np.testing.assert_allclose(new["moe_layers"]["mlp"]["gate_bias"],
                                [[-0.01, 0.01, 0.0, 0.0], [0.01, 0.01, 0.0, -0.01]])
-    np.testing.assert_array_equal(new["moe_layers"]["mlp"]["gate"], params["moe_layers"]["mlp"]["gate"])
+    np.testing.assert_allclose(new["mtp_0"]["block"]["mlp"]["gate_bias"], [0.01, -0.01, -0.01, 0.01])
+    for path, x in jax.tree_util.tree_leaves_with_path(new):
+        if "gate_bias" not in jax.tree_util.keystr(path):
+            np.testing.assert_array_equal(x, 1.0)
+
+
+def test_balance_loss_covers_mtp(setup):
+    """L_Bal = α Σ f_i P_i over every MoE layer, the MTP block's included (spec §5); the loads
+    handed to the bias update cover the MTP block too."""
+    params, batch = setup
+    inputs, targets, mask = (jnp.asarray(batch[k][0]) for k in ("inputs", "targets", "mask"))
+    lc = ts.LossConfig(dsa_stage="off", balance_weight=0.5)
+    aux, (_, (parts, loads)) = jax.jit(lambda p: (Transformer(CFG).apply({"params": p}, inputs)[1],
+                                                  ts.loss_fn(p, inputs, targets, mask, cfg=CFG, lc=lc)))(params)
+    assert aux["mtp_balance"].shape == (CFG.num_nextn_predict_layers,) and float(aux["mtp_balance"][0]) > 0
+    want = 0.5 * (np.sum(aux["balance"]) + np.sum(aux["mtp_balance"]))
+    np.testing.assert_allclose(float(parts["balance_loss"]), want, rtol=1e-6)
+    assert sorted(loads) == ["moe_layers", "mtp_0"]
+    n_routed = inputs.size * CFG.num_experts_per_tok
+    np.testing.assert_array_equal(np.asarray(loads["mtp_0"]).sum(-1), [n_routed])
+
+
+def test_accumulation_equals_one_big_batch(setup):
+    """Gradients, loss parts and expert loads of 2 micro-batches x 2 sequences equal those of one
+    batch of 4 (micro-batches weighted by their real tokens)."""
+    params, batch = setup
+    whole = {k: v.reshape(1, 4, -1)[..., :16] for k, v in batch.items()}
+    split = {k: v.reshape(2, 2, 16) for k, v in whole.items()}
+    grads = jax.jit(lambda p, b: ts.accumulated_grads(p, b, cfg=CFG, lc=ts.LossConfig(dsa_stage="off")))
+    (g1, parts1, load1), (g2, parts2, load2) = grads(params, whole), grads(params, split)
+    for key in parts1:
+        np.testing.assert_allclose(parts2[key], parts1[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    for key in load1:
+        np.testing.assert_array_equal(load2[key], load1[key])
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g2), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-7, err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.mark.slow
 def test_sharded_step_equals_one_device(setup):
-    """The same step on a 4-way data-parallel mesh (the batch split) and on one device (LM losses,
-    dense path: the sharded compile is the slow part, so the cheapest stage)."""
+    """Two steps on an 8-way data-parallel mesh (the batch split) and on one device give the same
+    losses (LM losses, dense path: the sharded compile is the slow part, so the cheapest stage)."""
     params, batch = setup
-    batch = {k: v.reshape(1, 4, -1)[..., :16] for k, v in batch.items()}  # 4 sequences: one per device
+    batch = {k: v.reshape(1, 8, -1) for k, v in batch.items()}  # 8 sequences of 12: one per device
     tx = make_optimizer(stage="off", learning_rate=1e-2, indexer_learning_rate=1e-2, warmup_steps=0,
                         total_steps=10)
     results = []
-    for devices in (jax.devices()[:1], jax.devices()[:4]):
+    for devices in (jax.devices()[:1], jax.devices()[:8]):
         mesh = make_mesh(f"data={len(devices)}", devices=devices)
-        step = ts.make_train_step(CFG, ts.LossConfig(dsa_stage="off"), tx, mesh, rules.preset("dp"), (1, 4, 16))
-        state, metrics = step({"params": jax.tree.map(jnp.copy, params), "opt_state": tx.init(params)}, batch)
-        results.append(jax.device_get((state["params"], metrics)))
-    (p1, m1), (p4, m4) = results
-    for key in ("loss", "lm_loss", "mtp_loss", "grad_norm"):
-        np.testing.assert_allclose(m4[key], m1[key], rtol=1e-5, atol=1e-7, err_msg=key)
+        step = ts.make_train_step(CFG, ts.LossConfig(dsa_stage="off"), tx, mesh, rules.preset("dp"), (1, 8, 12))
+        state, first = step({"params": jax.tree.map(jnp.copy, params), "opt_state": tx.init(params)}, batch)
+        after_first = jax.device_get(state["params"])
+        _, second = step(state, batch)
+        results.append((after_first, jax.device_get(first), jax.device_get(second)))
+    (p1, m1, n1), (p8, m8, n8) = results
+    for key in ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm"):
+        np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5, atol=1e-7, err_msg=key)
+        np.testing.assert_allclose(n8[key], n1[key], rtol=1e-4, atol=1e-6, err_msg=f"step 2 {key}")
     # Adam's first step is ~lr·g/(|g| + eps): for a gradient near eps, summation-order rounding
     # moves that element's update anywhere in [0, lr]. So: every element within one step (lr), and
-    # all but a handful equal to 1e-4 relative (the gradients themselves match via grad_norm above).
-    a, b = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(p)]) for p in (p4, p1))
+    # all but a handful equal to 1e-4 relative (the gradients themselves match via grad_norm above;
+    # step 2's losses show the rounding does not change the trajectory).
+    a, b = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(p)]) for p in (p8, p1))
     assert np.all(np.abs(a - b) <= 1e-2)
     assert np.mean(np.isclose(a, b, rtol=1e-4, atol=1e-5)) > 0.9999
