@@ -5,7 +5,7 @@ CELL_TIMEOUT_S, fails the test. The kernel inherits this process's environment, 
 sees is set here explicitly: CPU only, one device (the root conftest gives this process 8
 simulated devices; tpu_pod.ipynb asks for its own 8), the same fast-compile XLA flags and
 persistent compilation cache as the tests, the worktree first on the import path, and temporary
-files under the test's own directory.
+files under the test's own directory. DEEPSEEK_JAX_NOTEBOOK_OUT=DIR keeps the executed notebooks.
 """
 
 import os
@@ -62,6 +62,12 @@ def test_runs_top_to_bottom(path, tmp_path):
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=CELL_TIMEOUT_S,
                                      resources={"metadata": {"path": str(tmp_path)}})
-    client.execute(env=kernel_env(tmp_path))  # raises CellExecutionError naming the failing cell
+    try:
+        client.execute(env=kernel_env(tmp_path))  # raises CellExecutionError naming the failing cell
+    finally:
+        if os.environ.get("DEEPSEEK_JAX_NOTEBOOK_OUT"):  # keep the executed copy, plots included, to look at
+            out = pathlib.Path(os.environ["DEEPSEEK_JAX_NOTEBOOK_OUT"])
+            out.mkdir(parents=True, exist_ok=True)
+            nbformat.write(nb, out / path.name)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
