@@ -9,6 +9,7 @@
 A kernel runs interpreted where it cannot compile: the Triton one on CPU (or with
 `interpret=True`), the Mosaic one off TPU (or with `interpret=True`) under
 `pltpu.InterpretParams()`, the TPU interpreter that also simulates DMAs and semaphores.
+`implementation(impl)` names what runs here.
 Kernels: sparse MLA forward and backward (a `jax.custom_vjp`, dkv accumulated over every query
 that selected a row); indexer scores, with the top-k of each query chunk by
 `pallas_kernels.topk.select_topk` (radix select in XLA, no sort). Not yet: decode-specialised
@@ -48,6 +49,15 @@ def _kernel(impl, interpret):
     compiles = backend == ("tpu" if impl == "mosaic" else "gpu")
     return impl, bool(interpret) or not compiles
 
+
+
+def implementation(impl: str = "auto") -> str:
+    """What `impl` runs on this backend: "reference", "triton" or "mosaic", with " (interpreted)"
+    for a kernel that cannot compile here (what a model with `attention_impl=impl` uses)."""
+    kernel, interpret = _kernel(impl, False)
+    if kernel is None:
+        return "reference"
+    return kernel + (" (interpreted)" if interpret else "")
 
 def indexer_topk(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, impl="auto", interpret=False,
                  chunk_size=256, key_block=4096):

@@ -14,6 +14,7 @@ latent), so the KL reaches only the indexer's own parameters, while the model's 
 output only feeds the (gradient-free) top-k: the LM loss never reaches the indexer.
 Queries run in chunks (`map_query_chunks`): O(chunk · S) memory for the dense target, O(chunk · k)
 for the sparse one (plus O(chunk · S) when recall is measured).
+`attention_maps` returns the same two quantities as whole [T, S] maps, to look at (notebooks).
 
 Legend: L layers, B batch, T queries, S keys, K selected keys, H heads, C kv latent rank,
 N nope dim, R rope dim, I indexer heads, E indexer head dim.
@@ -44,24 +45,35 @@ def _gather(rows, sel):
     return jax.vmap(lambda r, i: r[i])(rows, sel)
 
 
-def _layer_terms(cfg, stage, with_recall, indexer_params, sown, cos, sin, mask):
-    """(KL, recall) of one layer's indexer, averaged over real query rows."""
+def _layer_inputs(cfg, indexer_params, sown, cos, sin):
+    """One layer's indexer outputs, re-applied to its detached inputs, and the detached main-attention
+    inputs in absorbed form (float32): ((q_i, k_i, w_i, k_scale), (q_abs, q_rope, c_kv, k_rope))."""
     sg = jax.lax.stop_gradient
-    iq, ik, iw, k_scale = Indexer(cfg).apply({"params": indexer_params}, sg(sown["x"]), sg(sown["q_latent"]), cos, sin)
+    index = Indexer(cfg).apply({"params": indexer_params}, sg(sown["x"]), sg(sown["q_latent"]), cos, sin)
     q_nope, q_rope, c_kv, k_rope, kv_b = sg((sown["q_nope"], sown["q_rope"], sown["c_kv"], sown["k_rope"],
                                              sown["kv_b"]))
     # Absorbed queries: q_nope · k_nope = (q_nope W_UK) · c_kv, so main logits need no per-head keys.
     q_abs = jnp.einsum("BTHN,CHN->BTHC", q_nope, kv_b[..., :cfg.qk_nope_head_dim].astype(q_nope.dtype),
                        preferred_element_type=jnp.float32)
-    q_rope = q_rope.astype(jnp.float32)
-    c_kv, k_rope = c_kv.astype(jnp.float32), k_rope.astype(jnp.float32)
-    s_len = c_kv.shape[1]
+    f32 = lambda x: x.astype(jnp.float32)
+    return index, (q_abs, f32(q_rope), f32(c_kv), f32(k_rope))
 
-    def dense_probs(positions, qa, qr):
-        valid = jnp.broadcast_to(jnp.arange(s_len)[None, None, :] <= positions[None, :, None],
-                                 qa.shape[:2] + (s_len,))
-        logits = (jnp.einsum("BTHC,BSC->BTHS", qa, c_kv) + jnp.einsum("BTHR,BSR->BTHS", qr, k_rope)) * cfg.softmax_scale
-        return losses.head_summed_probs(logits, valid), valid
+
+def _main_probs(cfg, positions, q_abs, q_rope, c_kv, k_rope):
+    """The indexer's dense target for queries at `positions` [T]: head-summed, L1-normalised main
+    attention over all causal keys -> (probs [B, T, S], valid [B, T, S])."""
+    s_len = c_kv.shape[1]
+    valid = jnp.broadcast_to(jnp.arange(s_len)[None, None, :] <= positions[None, :, None],
+                             q_abs.shape[:2] + (s_len,))
+    logits = (jnp.einsum("BTHC,BSC->BTHS", q_abs, c_kv)
+              + jnp.einsum("BTHR,BSR->BTHS", q_rope, k_rope)) * cfg.softmax_scale
+    return losses.head_summed_probs(logits, valid), valid
+
+
+def _layer_terms(cfg, stage, with_recall, indexer_params, sown, cos, sin, mask):
+    """(KL, recall) of one layer's indexer, averaged over real query rows."""
+    (iq, ik, iw, k_scale), (q_abs, q_rope, c_kv, k_rope) = _layer_inputs(cfg, indexer_params, sown, cos, sin)
+    dense_probs = lambda positions, qa, qr: _main_probs(cfg, positions, qa, qr, c_kv, k_rope)
 
     def chunk(positions, qa, qr, q_i, w_i, *selected):
         if stage == "dense_warmup":
@@ -70,7 +82,7 @@ def _layer_terms(cfg, stage, with_recall, indexer_params, sown, cos, sin, mask):
             kl = losses.indexer_kl(p, scores, valid)
             if not with_recall:
                 return kl, jnp.zeros_like(kl)
-            top = jax.lax.top_k(jnp.where(valid, scores, -jnp.inf), min(cfg.index_topk, s_len))[1]
+            top = jax.lax.top_k(jnp.where(valid, scores, -jnp.inf), min(cfg.index_topk, c_kv.shape[1]))[1]
             hit = jnp.take_along_axis(p * valid, top, axis=-1)
             return kl, jnp.sum(hit, -1)
         (sel,) = selected
@@ -93,19 +105,32 @@ def _layer_terms(cfg, stage, with_recall, indexer_params, sown, cos, sin, mask):
     arrays = (q_abs, q_rope, iq, iw) + ((sown["indices"],) if stage == "sparse" else ())
     kl, recall = map_query_chunks(chunk, cfg.attention_chunk_size, *arrays)
     weight = mask.astype(jnp.float32) / jnp.maximum(jnp.sum(mask), 1.0)
-    return jnp.sum(kl * weight), sg(jnp.sum(recall * weight))
+    return jnp.sum(kl * weight), jax.lax.stop_gradient(jnp.sum(recall * weight))
 
 
-def _attention_sites(sown, params):
-    """(params of the attention module, its sown inputs) for every MLA that sowed `dsa`."""
+def _attention_sites(sown, params, path=()):
+    """(module path, params of the attention module, its sown inputs) for every MLA that sowed `dsa`."""
     sites = []
     for name, child in sown.items():
         if name == "dsa":
             (inputs,) = child
-            sites.append((params, inputs))
+            sites.append((path, params, inputs))
         else:
-            sites += _attention_sites(child, params[name])
+            sites += _attention_sites(child, params[name], path + (name,))
     return sites
+
+
+def _map_sites(layer, params, intermediates, what):
+    """{layer group: layer(indexer params, sown inputs) stacked over the group's layers [L, ...]}."""
+    out = {}
+    for path, attn_params, inputs in _attention_sites(intermediates, nn.meta.unbox(params)):
+        if inputs["x"].ndim == 3:  # an unscanned block (MTP): no layer axis
+            out[path[0]] = jax.tree.map(lambda x: x[None], layer(attn_params["indexer"], inputs))
+        else:
+            out[path[0]] = jax.lax.map(lambda a: layer(*a), (attn_params["indexer"], inputs))
+    if not out:
+        raise ValueError(f"{what}: the model sowed no attention inputs (was 'intermediates' mutable?)")
+    return out
 
 
 def indexer_terms(params, intermediates, cfg, stage, mask, *, with_recall=True):
@@ -121,15 +146,24 @@ def indexer_terms(params, intermediates, cfg, stage, mask, *, with_recall=True):
     b, t = mask.shape
     cos, sin = rope_cos_sin(jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)), cfg)
     layer = lambda p, s: _layer_terms(cfg, stage, with_recall, p, s, cos, sin, mask)
-    kls, recalls = [], []
-    for attn_params, inputs in _attention_sites(intermediates, nn.meta.unbox(params)):
-        if inputs["x"].ndim == 3:  # an unscanned block (MTP): no layer axis
-            kl, recall = layer(attn_params["indexer"], inputs)
-            kl, recall = kl[None], recall[None]
-        else:
-            kl, recall = jax.lax.map(lambda a: layer(*a), (attn_params["indexer"], inputs))
-        kls.append(kl)
-        recalls.append(recall)
-    if not kls:
-        raise ValueError("indexer_terms: the model sowed no attention inputs (was 'intermediates' mutable?)")
+    terms = _map_sites(layer, params, intermediates, "indexer_terms").values()
+    kls, recalls = zip(*terms)
     return jnp.mean(jnp.concatenate(kls)), jnp.mean(jnp.concatenate(recalls))
+
+
+def attention_maps(params, intermediates, cfg):
+    """Every MLA layer's indexer scores and main attention over all causal keys, for inspection
+    (O(T·S) memory: short sequences). params and intermediates as for `indexer_terms`.
+
+    Returns {group: (scores, probs)} per layer group ("dense_layers", "moe_layers", "mtp_0", ...),
+    scores [L, B, T, S] float32 (-inf past each query) and probs
+    [L, B, T, S]: the dense warm-up's target (per-head softmax summed over heads, L1-normalised).
+    """
+    def layer(indexer_params, sown):
+        b, t = sown["x"].shape[:2]
+        positions = jnp.arange(t, dtype=jnp.int32)
+        cos, sin = rope_cos_sin(jnp.broadcast_to(positions, (b, t)), cfg)
+        (iq, ik, iw, k_scale), main = _layer_inputs(cfg, indexer_params, sown, cos, sin)
+        probs, valid = _main_probs(cfg, positions, *main)
+        return jnp.where(valid, indexer_scores(iq, ik, iw, k_scale), -jnp.inf), probs
+    return _map_sites(layer, params, intermediates, "attention_maps")

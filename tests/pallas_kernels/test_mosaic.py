@@ -116,6 +116,15 @@ def test_dispatch(monkeypatch, backend, impl, interpret, expected):
     assert ops._kernel(impl, interpret) == expected
 
 
+
+@pytest.mark.parametrize("backend, impl, expected", [
+    ("tpu", "auto", "mosaic"), ("gpu", "auto", "triton"), ("cpu", "auto", "reference"),
+    ("cpu", "pallas", "triton (interpreted)"), ("gpu", "reference", "reference"),
+])
+def test_implementation_names_the_dispatch(monkeypatch, backend, impl, expected):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert ops.implementation(impl) == expected
+
 def test_default_tiles_lower_for_tpu():
     """Pallas's TPU lowering (block-shape rules, primitives) accepts the kernels at V3.2-like shapes."""
     sd = jax.ShapeDtypeStruct

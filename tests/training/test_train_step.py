@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from deepseek_jax import ModelConfig, Transformer
+from deepseek_jax.training import dsa
 from deepseek_jax.training import train_step as ts
 from deepseek_jax.training.optimizer import make_optimizer, param_labels
 from sharding import rules
@@ -88,6 +89,33 @@ def test_gradient_isolation_in_sparse_stage(setup):
     assert any(np.any(np.asarray(x) != 0) for p, x in jax.tree_util.tree_leaves_with_path(g_kl)
                if "indexer" in jax.tree_util.keystr(p))
     assert np.any(np.asarray(g_lm["lm_head"]) != 0)
+
+
+def test_attention_maps_agree_with_the_model_and_the_loss(setup):
+    """`dsa.attention_maps` (for inspection): probs are distributions over causal keys, the top-k of
+    its scores is the model's own selection, and the recall read off the maps is `indexer_terms`'."""
+    params, batch = setup
+    tokens, mask = batch["inputs"][0], batch["mask"][0]
+    (_, aux), state = Transformer(CFG).apply({"params": params}, tokens, attention="sparse", with_mtp=False,
+                                             return_indices=True, mutable=["intermediates"])
+    maps = dsa.attention_maps(params, state["intermediates"], CFG)
+    assert sorted(maps) == ["dense_layers", "moe_layers"]
+    t, k = tokens.shape[1], CFG.index_topk
+    causal = np.arange(t)[None, :] <= np.arange(t)[:, None]
+    recalls = []
+    for group, (scores, probs) in maps.items():
+        scores, probs = np.asarray(scores), np.asarray(probs)
+        assert scores.shape == probs.shape == aux["indices"][group].shape[:3] + (t,)
+        np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+        assert np.all(probs[..., ~causal] == 0) and np.all(np.isneginf(scores[..., ~causal]))
+        top = np.argsort(-scores, axis=-1, kind="stable")[..., :k]
+        model = np.asarray(aux["indices"][group])
+        for q in range(t):  # query q has min(q + 1, k) valid keys; the rest of its slots are -1
+            n = min(q + 1, k)
+            np.testing.assert_array_equal(np.sort(top[..., q, :n], -1), np.sort(model[..., q, :n], -1))
+        recalls.append(np.take_along_axis(probs, top, -1).sum(-1).mean(axis=(1, 2)))
+    _, recall = dsa.indexer_terms(params, state["intermediates"], CFG, "dense_warmup", jnp.asarray(mask))
+    np.testing.assert_allclose(np.mean(np.concatenate(recalls)), recall, rtol=1e-5)
 
 
 def test_bias_update_direction():
