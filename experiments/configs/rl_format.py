@@ -16,10 +16,10 @@ def get_config():
     c.model = rl_config().model
     c.model.dtype = "float32"  # faster on CPU; rl.py's own compute dtype applies after init_from
     c.data = "/tmp/deepseek_jax_math_corpus.jsonl"
-    c.steps = 300
+    c.steps = 200
     c.batch_size = 16
     c.seq_len = 64
-    c.checkpoint_every = 100
+    c.checkpoint_every = 50
     c.bias_update_rate = 1e-2  # a few hundred steps: see configs/tiny.py
     c.sample_prompt = BOS + "Q: 3+4 A:"
     c.sample_tokens = 3

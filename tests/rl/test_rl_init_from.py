@@ -48,7 +48,7 @@ def test_init_from_a_pretraining_workdir(pretrained):
     cfg, params, tokenizer = rl.load_init_from(c, pretrain.model_config(c))
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(summary["state"]["params"]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert cfg.dtype == "bfloat16"  # rl's numerics, the pretraining run's architecture
+    assert cfg == pretrain.model_config(c)  # rl's own numerics; the architecture is the run's
     assert tokenizer.EOS_ID == data.eos_id(summary["tokenizer"]) == cfg.eos_token_id
     ids = tokenizer.encode(BOS + "Q: 1+2 A: 3" + EOS)
     assert ids[0] == cfg.bos_token_id and ids[-1] == tokenizer.EOS_ID
