@@ -5,7 +5,7 @@
 
 Config fields: see experiments/configs/base.py. The workdir holds `checkpoints/` (Orbax: params,
 optimizer state and the data iterator's state; async, the last `keep_checkpoints` kept),
-`tokenizer.json`, `metrics.jsonl` (one JSON object per logged step) and `tensorboard/`. Running
+`tokenizer.json`, `config.json` (the ModelConfig's fields), `metrics.jsonl` (one JSON object per logged step) and `tensorboard/`. Running
 the same command on the same workdir resumes from its latest checkpoint and stops at `steps`.
 SIGTERM (preemption) saves the current step and exits cleanly; a NaN/inf loss or gradient
 stops the run with an error before anything of that step is saved.
@@ -13,6 +13,8 @@ stops the run with an error before anything of that step is saved.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import signal
@@ -107,6 +109,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, batches=None, device
                         weight_decay=config.weight_decay, grad_clip=config.grad_clip,
                         indexer_grad_clip=config.indexer_grad_clip)
     tokenizer, stream = load_tokenizer_and_stream(config, workdir, cfg)
+    if jax.process_index() == 0:  # what a run initialised from this one (experiments/rl.py) rebuilds
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
     shardings = train_step.state_shardings(cfg, tx, mesh, rules)
 
     manager = CheckpointManager(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)

@@ -4,9 +4,13 @@
         [--config.steps=40 --config.kl_coef=0.01 --config.offpolicy_delta=0.5 ...]
 
 Config fields: experiments/configs/rl_base.py (rl_math, rl_code and rl_agent start from it).
-The policy speaks byte-level tokens (rl/byte_tokenizer.py). Unless `init_from` names an HF
-safetensors checkpoint, it is first taught the task format by `sft_steps` supervised steps on
-generated demonstrations (maths: the answer; code: the reference solution; agent: none yet).
+`init_from` names the policy GRPO starts from: a pretraining workdir (or its checkpoints/) of
+experiments/pretrain.py, whose latest params, `tokenizer.json` and `config.json` are used (its
+model must equal this config's `model` but for the numerics knobs; e.g. a run of
+configs/rl_format.py on `python -m experiments.task_corpus` text), or an HF safetensors
+checkpoint of a byte-level policy (rl/byte_tokenizer.py). Without it, a random byte-level policy
+is first taught the task format by `sft_steps` supervised steps on generated demonstrations
+(maths: the answer; code: the reference solution; agent: none yet).
 Then each GRPO step plays `group_size` episodes of `prompts_per_step` fresh tasks from the
 current params (π_old; routes and kept sets recorded; agent episodes are multi-turn tool-calling
 conversations in the chat format, rl/multiturn.py), scores them with the task's verifier (plus
@@ -21,7 +25,9 @@ resumes from the latest checkpoint, drops the metrics rows logged after it, and 
 uninterrupted run up to `steps`. SIGTERM saves the current step and exits.
 """
 
+import dataclasses
 import functools
+import glob
 import json
 import os
 import signal
@@ -37,23 +43,27 @@ import tqdm
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from deepseek_jax import Transformer, load_hf
+from deepseek_jax import ModelConfig, Transformer, load_hf
 from deepseek_jax.checkpoint.orbax import CheckpointManager
 from deepseek_jax.losses import lm_loss
 from deepseek_jax.model import forward
 from deepseek_jax.params import abstract_params
 from deepseek_jax.rl import byte_tokenizer, grpo, rewards
+from deepseek_jax.rl.bpe_tokenizer import BPETokenizer
 from deepseek_jax.rl.envs import agent
 from deepseek_jax.rl.envs import code as code_env
 from deepseek_jax.rl.envs import math as math_env
 from deepseek_jax.rl.multiturn import SingleTurn, play
 from deepseek_jax.rl.rollout import build_batch, padded_length
 from deepseek_jax.rl.update import GRPOOptions, grpo_step, reference_logprobs
-from deepseek_jax.training import metrics
-from experiments.pretrain import model_config
+from deepseek_jax.training import data, metrics
+from experiments.pretrain import _init_from_dirs, _restore_params, model_config
 
 TASKS = ("math", "code", "agent")
 HELD_OUT_SEED = 2**31 - 1  # maths and code: the held-out draw's seed; agent: seeds from here up
+# ModelConfig fields that change no parameter and no result beyond rounding: this config's own
+# values apply to a policy initialised from a pretraining run
+RUNTIME_FIELDS = ("dtype", "remat", "attention_impl", "attention_chunk_size", "moe_capacity_factor")
 MODEL_METRICS = ("loss", "kl", "clip_fraction", "masked_fraction", "entropy", "ratio_mean", "grad_norm")
 
 
@@ -72,6 +82,16 @@ def draw_tasks(c, n: int, seed: int, exclude=frozenset()) -> list:
     if len(picked) < n:
         raise ValueError(f"levels {c.levels}: too few {c.task} tasks outside the held-out set for {n} tasks")
     return picked
+
+
+def held_out_tasks(c) -> tuple[list, frozenset]:
+    """(the fixed evaluation tasks, their prompts): no training batch, warm-up or corpus
+    (experiments/task_corpus.py) holds one of those prompts. Agent tasks: distinct seeds instead."""
+    tasks = draw_tasks(c, c.eval_tasks, HELD_OUT_SEED)
+    if c.task == "agent":
+        return tasks, frozenset()
+    tasks = list({t.prompt: t for t in tasks}.values())
+    return tasks, frozenset(t.prompt for t in tasks)
 
 
 def make_game(c, task):
@@ -133,21 +153,21 @@ def sft(params, cfg, c, exclude):
 
 
 # --------------------------------------------------------------------------- GRPO
-def pass_at_1(params, cfg, c, tasks) -> float:
+def pass_at_1(params, cfg, c, tasks, tokenizer) -> float:
     """The held-out pass@1: the verifier's mean reward of one greedy episode per task."""
     games = [make_game(c, t) for t in tasks]
-    play(params, cfg, games, byte_tokenizer, max_new_tokens=c.max_new_tokens, max_turns=c.max_turns,
+    play(params, cfg, games, tokenizer, max_new_tokens=c.max_new_tokens, max_turns=c.max_turns,
          temperature=0.0, record_routes=False)
     return float(np.mean([g.reward().value for g in games]))
 
 
-def episode_rewards(c, games, episodes) -> dict[str, np.ndarray]:
+def episode_rewards(c, games, episodes, tokenizer) -> dict[str, np.ndarray]:
     """Per episode: the verifier's outcome, the format and language scores, the length penalty and
     their weighted sum (the GRPO reward)."""
     outcome = np.array([g.reward().value for g in games])
     formatted = np.array([g.well_formed() for g in games], np.float32)
     language = np.array([rewards.language_consistency(
-        "".join(byte_tokenizer.decode(gen.tokens) for _, gen in e.trajectory.turns), g.opening())
+        "".join(tokenizer.decode(gen.tokens) for _, gen in e.trajectory.turns), g.opening())
         for g, e in zip(games, episodes)])
     length = np.array([rewards.length_penalty(e.generated_tokens, c.max_new_tokens * c.max_turns,
                                               budget=c.length_budget, scale=c.length_penalty) for e in episodes])
@@ -156,17 +176,17 @@ def episode_rewards(c, games, episodes) -> dict[str, np.ndarray]:
             "length_penalty": length}
 
 
-def grpo_iteration(params, opt_state, ref_params, cfg, c, step: int, held_out):
+def grpo_iteration(params, opt_state, ref_params, cfg, c, step: int, held_out, tokenizer):
     """One GRPO step: rollouts of fresh tasks, rewards, inner_steps optimizer steps -> (params, opt_state, row)."""
     tasks = draw_tasks(c, c.prompts_per_step, step, held_out)
     games = [make_game(c, t) for t in tasks for _ in range(c.group_size)]
     seed = int(np.random.SeedSequence([c.seed, step]).generate_state(1)[0])
     t0 = time.perf_counter()
-    episodes = play(params, cfg, games, byte_tokenizer, max_new_tokens=c.max_new_tokens, max_turns=c.max_turns,
+    episodes = play(params, cfg, games, tokenizer, max_new_tokens=c.max_new_tokens, max_turns=c.max_turns,
                     temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, seed=seed,
                     record_routes=c.keep_routing)
     rollout_s = time.perf_counter() - t0
-    r = episode_rewards(c, games, episodes)
+    r = episode_rewards(c, games, episodes, tokenizer)
     adv = np.asarray(grpo.group_advantages(r["reward"].reshape(len(tasks), c.group_size),
                                            normalize_std=c.normalize_std)).reshape(-1)
     batch = build_batch([e.trajectory for e in episodes], cfg, keep_sampling_mask=c.keep_sampling_mask,
@@ -216,12 +236,36 @@ def _keep_rows_up_to(path: str, step: int) -> None:
         f.writelines(rows)
 
 
+def load_init_from(c, cfg):
+    """(cfg, params, tokenizer) of c.init_from: an HF safetensors checkpoint (byte-level tokens), or
+    a pretraining workdir (or its checkpoints/): its latest params, tokenizer.json and config.json,
+    whose model must equal `cfg` but for RUNTIME_FIELDS."""
+    if glob.glob(os.path.join(c.init_from, "*.safetensors")):
+        return *load_hf(c.init_from), byte_tokenizer
+    workdir = _init_from_dirs(c.init_from)[0]
+    files = {name: os.path.join(workdir, name) for name in ("config.json", "tokenizer.json")}
+    for name, path in files.items():
+        if not os.path.isfile(path):
+            raise ValueError(f"init_from: no {name} in {workdir} (expected an HF safetensors checkpoint or a "
+                             f"workdir of experiments/pretrain.py)")
+    with open(files["config.json"]) as f:
+        saved = ModelConfig(**json.load(f))
+    differ = [f"{f.name}={getattr(saved, f.name)!r} there, {getattr(cfg, f.name)!r} here"
+              for f in dataclasses.fields(ModelConfig)
+              if f.name not in RUNTIME_FIELDS and getattr(saved, f.name) != getattr(cfg, f.name)]
+    if differ:
+        raise ValueError(f"init_from: {workdir} trained another model than config.model: {'; '.join(differ)}")
+    params, step = _restore_params(c.init_from, _target(abstract_params(cfg)))
+    print(f"initialised from {workdir} (pretraining step {step})")
+    return cfg, params, BPETokenizer(data.load_tokenizer(files["tokenizer.json"], cfg.vocab_size))
+
+
 def initial_policy(cfg, c):
-    """(cfg, params) GRPO's warm-up starts from: init_from's checkpoint, else a random init."""
+    """(cfg, params, tokenizer) GRPO's warm-up starts from: init_from's, else a random byte-level init."""
     if c.init_from:
-        return load_hf(c.init_from)
+        return load_init_from(c, cfg)
     init = jax.jit(lambda key: nn.meta.unbox(Transformer(cfg).init(key, jnp.zeros((1, 8), jnp.int32))["params"]))
-    return cfg, init(jax.random.key(c.seed))
+    return cfg, init(jax.random.key(c.seed)), byte_tokenizer
 
 
 def run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict:
@@ -235,22 +279,18 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) ->
     os.makedirs(workdir, exist_ok=True)
     wall0 = time.perf_counter()
     cfg = model_config(c)
-    if cfg.vocab_size < byte_tokenizer.VOCAB_SIZE:
+    if not c.init_from and cfg.vocab_size < byte_tokenizer.VOCAB_SIZE:
         raise ValueError(f"model.vocab_size: byte-level tokens need >= {byte_tokenizer.VOCAB_SIZE}, "
                          f"got {cfg.vocab_size}")
-    eval_tasks = draw_tasks(c, c.eval_tasks, HELD_OUT_SEED)
-    if c.task != "agent":
-        eval_tasks = list({t.prompt: t for t in eval_tasks}.values())
-    held_out = frozenset() if c.task == "agent" else frozenset(t.prompt for t in eval_tasks)
+    eval_tasks, held_out = held_out_tasks(c)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     optimizer = _adamw(c.learning_rate, 0.99)
 
     manager = CheckpointManager(os.path.join(workdir, "checkpoints"), max_to_keep=c.keep_checkpoints)
     if manager.latest_step() is not None:
-        template = abstract_params(cfg)
-        ref_params = None
+        template, ref_params, tokenizer = abstract_params(cfg), None, byte_tokenizer
         if c.init_from:
-            cfg, ref_params = load_hf(c.init_from)
+            cfg, ref_params, tokenizer = load_init_from(c, cfg)
             template = ref_params
         restored = manager.restore(params_target=_target(_saved_params(c, template, template)),
                                    opt_state_target=_target(jax.eval_shape(optimizer.init, template)))
@@ -261,13 +301,13 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) ->
         print(f"resumed from {manager.directory} at step {start}")
     else:
         _keep_rows_up_to(metrics_path, -1)  # rows of an earlier attempt that never checkpointed
-        cfg, params = initial_policy(cfg, c)
+        cfg, params, tokenizer = initial_policy(cfg, c)
         if not c.init_from and c.sft_steps:
             params = sft(params, cfg, c, held_out)
         # Committed to the device as restored arrays are, so a resume in this process reuses the compiled steps.
         params = jax.device_put(params, _device())
         ref_params, opt_state, start = params, jax.device_put(optimizer.init(params), _device()), 0
-        start_pass = pass_at_1(params, cfg, c, eval_tasks)
+        start_pass = pass_at_1(params, cfg, c, eval_tasks, tokenizer)
         metrics.append_jsonl(metrics_path, {"step": 0, "pass_at_1": start_pass, "wall_s": time.perf_counter() - wall0})
         manager.save(0, params=_saved_params(c, params, ref_params), opt_state=opt_state,
                      data_state={"start_pass_at_1": start_pass}, force=True)
@@ -281,9 +321,10 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) ->
     try:
         while step < c.steps and not preempted:
             step += 1
-            params, opt_state, row = grpo_iteration(params, opt_state, ref_params, cfg, c, step, held_out)
+            params, opt_state, row = grpo_iteration(params, opt_state, ref_params, cfg, c, step, held_out,
+                                                      tokenizer)
             if step % c.eval_every == 0 or step == c.steps:
-                row["pass_at_1"] = pass_at_1(params, cfg, c, eval_tasks)
+                row["pass_at_1"] = pass_at_1(params, cfg, c, eval_tasks, tokenizer)
             row["wall_s"] = time.perf_counter() - wall0
             history.append(row)
             bar.update(1)

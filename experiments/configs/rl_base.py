@@ -6,9 +6,11 @@ from ml_collections import config_dict
 
 def rl_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    # Policy: a ModelConfig preset (the other keys override its fields), byte-level tokens (vocab >= 256)
-    c.model = ml_collections.ConfigDict({"preset": "tiny"})
-    c.init_from = ""              # HF safetensors dir of a byte-level policy; "" = random init + SFT warm-up
+    # Policy: a ModelConfig preset (the other keys override its fields). Byte-level tokens need a vocab
+    # >= 256; 258 also holds a byte-level BPE without merges (bytes + BOS/EOS: configs/rl_format.py).
+    c.model = ml_collections.ConfigDict({"preset": "tiny", "vocab_size": 258})
+    c.init_from = ""              # a pretraining workdir, or an HF safetensors dir of a byte-level policy;
+    #                               "" = random byte-level init + SFT warm-up
     c.seed = 0
     # Task: "math", "code" or "agent", drawn evenly from these difficulty levels (rl/envs/)
     c.task = "math"
