@@ -14,6 +14,7 @@ from experiments.configs.rl_base import rl_config
 def get_config():
     c = base_config()
     c.model = rl_config().model
+    c.model.vocab_size = 258  # the tokenizer trainer's least: 256 bytes + BOS/EOS, no merges
     c.model.dtype = "float32"  # faster on CPU; rl.py's own compute dtype applies after init_from
     c.data = "/tmp/deepseek_jax_math_corpus.jsonl"
     c.steps = 200

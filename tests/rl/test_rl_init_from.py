@@ -12,7 +12,14 @@ from deepseek_jax.chat.markup import BOS, EOS
 from deepseek_jax.training import data
 from experiments import pretrain, rl, task_corpus
 from experiments.configs import rl_format, rl_math
-from tests.rl.test_rl_binary import _config as _rl_config
+from tests.rl.test_rl_binary import _config
+
+
+def _rl_config():
+    """The RL test config with the vocab of a configs/rl_format.py policy."""
+    c = _config()
+    c.model.vocab_size = rl_format.get_config().model.vocab_size
+    return c
 
 
 def test_corpus_is_the_demonstrations_without_held_out_questions():
