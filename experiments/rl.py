@@ -342,6 +342,7 @@ def run(c: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) ->
         signal.signal(signal.SIGTERM, previous)
         bar.close()
         manager.close()
+        events.close()
     with open(metrics_path) as f:
         evals = [r["pass_at_1"] for r in map(json.loads, f) if "pass_at_1" in r]
     return {"start_step": start, "step": step, "start_pass_at_1": start_pass, "pass_at_1": evals[-1],

@@ -55,11 +55,12 @@ def test_topk_matches_reference(b, t, s, h, d, topk, q_offset, k_len, chunk, dty
     assert ascending_then_padding(np.asarray(got))
 
 
-def test_exact_zero_ties_keep_the_lowest_index():
+@pytest.mark.parametrize("impl", ["triton", "mosaic"])
+def test_exact_zero_ties_keep_the_lowest_index(impl):
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.normal(size=(1, 12, 4, 16)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(1, 12, 16)), jnp.float32)
-    got = ops.indexer_topk(q, k, jnp.zeros((1, 12, 4)), topk=4, impl="pallas", interpret=True)
+    got = ops.indexer_topk(q, k, jnp.zeros((1, 12, 4)), topk=4, impl=impl, interpret=True)
     for t in range(12):
         assert np.asarray(got)[0, t].tolist() == list(range(min(t + 1, 4))) + [-1] * max(0, 3 - t)
 
