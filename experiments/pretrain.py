@@ -56,9 +56,10 @@ def _init_from_dirs(path: str) -> tuple[str, str]:
 
 
 def load_tokenizer_and_stream(config, workdir: str, cfg: ModelConfig):
-    """The tokenizer and the packed corpus. The tokenizer is `config.tokenizer`, else the one saved
-    in the workdir (a resumed run), else the init_from run's (the token ids its params learnt),
-    else a BPE trained on the corpus; the last two are saved in the workdir."""
+    """The tokenizer and the packed corpus ((tokens, trained): data.pack). The tokenizer is
+    `config.tokenizer`, else the one saved in the workdir (a resumed run), else the init_from
+    run's (the token ids its params learnt), else a BPE trained on the corpus; the last two are
+    saved in the workdir."""
     docs = data.load_documents(config.data, config.data_max_bytes)
     saved = os.path.join(workdir, "tokenizer.json")
     inherited = os.path.join(_init_from_dirs(config.init_from)[0], "tokenizer.json") if config.init_from else ""
@@ -108,7 +109,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, batches=None, device
                         total_steps=config.steps, min_lr_ratio=config.min_lr_ratio,
                         weight_decay=config.weight_decay, grad_clip=config.grad_clip,
                         indexer_grad_clip=config.indexer_grad_clip)
-    tokenizer, stream = load_tokenizer_and_stream(config, workdir, cfg)
+    tokenizer, (stream, trained) = load_tokenizer_and_stream(config, workdir, cfg)
     if jax.process_index() == 0:  # what a run initialised from this one (experiments/rl.py) rebuilds
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
@@ -131,7 +132,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, batches=None, device
             print(f"initialised from {config.init_from} (step {from_step})")
     if batches is None:
         batches = data.PackedBatches(stream, seq_len=config.seq_len, batch_size=config.batch_size,
-                                     accum_steps=config.grad_accum_steps, seed=config.seed, state=data_state)
+                                     accum_steps=config.grad_accum_steps, seed=config.seed, state=data_state,
+                                     trained=trained)
     step_fn = train_step.make_train_step(cfg, lc, tx, mesh, rules,
                                          (config.grad_accum_steps, config.batch_size, config.seq_len), shardings)
 

@@ -1,19 +1,24 @@
 """Pretraining data: corpus, tokenizer, packing and a resumable deterministic batch iterator.
 
-- Corpus: user files (`.txt`/`.md`/`.py`... as one document each, `.jsonl` with a "text" field
-  per line, directories walked in sorted order), or, when none is given, the embedded default:
-  the Python standard library's own top-level `.py` sources (in sorted order), present offline
-  on every machine that runs this code. It is deterministic per Python version.
+- Corpus: user files (`.txt`/`.md`/`.py`... as one document each, `.jsonl` with one record per
+  line, directories walked in sorted order), or, when none is given, the embedded default: the
+  Python standard library's own top-level `.py` sources (in sorted order), present offline on
+  every machine that runs this code. It is deterministic per Python version. A jsonl record is
+  {"text": ...} (every token trained) or {"prompt": ..., "completion": ...}: an example whose
+  prompt is context only, so the loss counts the completion and its EOS (supervised fine-tuning
+  data, e.g. experiments/task_corpus.py's task demonstrations).
 - Tokenizer (`tokenizers`): a `tokenizer.json`, or a byte-level BPE trained on the corpus with
   DeepSeek's BOS/EOS as ids 0 and 1 (the model's `bos_token_id` / `eos_token_id`).
-- Packing: documents joined into one stream, each followed by EOS; the stream is cut into
-  windows of seq_len + 1 tokens (inputs = window[:-1], targets = window[1:]), every token real.
+- Packing: documents joined into one stream, each followed by EOS, with a parallel 0/1 stream
+  marking the tokens the loss counts (all but prompts); the stream is cut into windows of
+  seq_len + 1 tokens (inputs = window[:-1], targets = window[1:]), every token real.
 - Iterator: windows in a fresh seeded permutation each epoch; its whole state is a small JSON
   dict (`state`), saved with each checkpoint, so a resumed run reads exactly the same batches.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -25,6 +30,29 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from deepseek_jax.chat.markup import BOS, EOS
 
 _JSONL = (".jsonl",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """A prompt-completion document: the loss counts the completion's tokens only."""
+    prompt: str
+    completion: str
+
+
+Document = str | Example
+
+
+def _text(doc: Document) -> str:
+    return doc.prompt + doc.completion if isinstance(doc, Example) else doc
+
+
+def _record(record, where: str) -> Document:
+    if isinstance(record, dict) and isinstance(record.get("text"), str):
+        return record["text"]
+    if isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+        return Example(record["prompt"], record["completion"])
+    raise ValueError(f"data: {where}: expected a JSON object with a string 'text', or strings 'prompt' and "
+                     f"'completion'")
 
 
 def default_corpus_files() -> list[str]:
@@ -44,9 +72,10 @@ def _files(paths: str) -> list[str]:
     return files
 
 
-def load_documents(paths: str = "", max_bytes: int = 0) -> list[str]:
-    """Documents from comma-separated files/directories (empty: the embedded corpus), in a
-    fixed order, stopping once `max_bytes` (> 0) of text is read."""
+def load_documents(paths: str = "", max_bytes: int = 0) -> list[Document]:
+    """Documents (texts, or Examples from prompt-completion jsonl records) from comma-separated
+    files/directories (empty: the embedded corpus), in a fixed order, stopping once `max_bytes`
+    (> 0) of text is read."""
     files = _files(paths) if paths else default_corpus_files()
     docs, total = [], 0
     for path in files:
@@ -55,16 +84,13 @@ def load_documents(paths: str = "", max_bytes: int = 0) -> list[str]:
                 texts = []
                 for n, line in enumerate(f, 1):
                     if line.strip():
-                        record = json.loads(line)
-                        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                            raise ValueError(f"data: {path}:{n}: expected a JSON object with a string 'text'")
-                        texts.append(record["text"])
+                        texts.append(_record(json.loads(line), f"{path}:{n}"))
             else:
                 texts = [f.read()]
-        for text in texts:
-            if text:
-                docs.append(text)
-                total += len(text.encode("utf-8"))
+        for doc in texts:
+            if _text(doc):
+                docs.append(doc)
+                total += len(_text(doc).encode("utf-8"))
             if max_bytes > 0 and total >= max_bytes:
                 return docs
     if not docs:
@@ -72,7 +98,7 @@ def load_documents(paths: str = "", max_bytes: int = 0) -> list[str]:
     return docs
 
 
-def train_tokenizer(docs: list[str], vocab_size: int) -> Tokenizer:
+def train_tokenizer(docs: list[Document], vocab_size: int) -> Tokenizer:
     """A byte-level BPE of `vocab_size` tokens (ids 0, 1 = BOS, EOS) trained on `docs`."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + 2:
@@ -83,7 +109,7 @@ def train_tokenizer(docs: list[str], vocab_size: int) -> Tokenizer:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS], initial_alphabet=alphabet,
                                   show_progress=False)
-    tokenizer.train_from_iterator(docs, trainer)
+    tokenizer.train_from_iterator(map(_text, docs), trainer)
     return tokenizer
 
 
@@ -102,20 +128,32 @@ def eos_id(tokenizer: Tokenizer) -> int:
     return eos
 
 
-def pack(tokenizer: Tokenizer, docs: list[str]) -> np.ndarray:
-    """One int32 token stream: every document's ids followed by EOS."""
+def pack(tokenizer: Tokenizer, docs: list[Document]) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, trained): one int32 stream of every document's ids followed by EOS, and a 0/1
+    stream of the same length marking the tokens the loss counts (an Example's prompt is 0).
+    An Example's prompt and completion are tokenized apart, so no token straddles the two."""
     eos = eos_id(tokenizer)
-    ids = [np.asarray(enc.ids + [eos], np.int32) for enc in tokenizer.encode_batch(docs, add_special_tokens=False)]
-    return np.concatenate(ids)
+    prompts = [doc.prompt if isinstance(doc, Example) else "" for doc in docs]
+    rest = [doc.completion if isinstance(doc, Example) else doc for doc in docs]
+    tokens, trained = [], []
+    for p, r in zip(*([e.ids for e in tokenizer.encode_batch(t, add_special_tokens=False)] for t in (prompts, rest))):
+        tokens.append(np.asarray(p + r + [eos], np.int32))
+        trained.append(np.repeat(np.asarray([0, 1], np.int32), [len(p), len(r) + 1]))
+    return np.concatenate(tokens), np.concatenate(trained)
 
 
 class PackedBatches:
     """Deterministic batches {"inputs", "targets", "mask"} of shape [accum, batch, seq_len] from a
-    packed stream. `state` (JSON) is where it stands; passing it back resumes exactly there."""
+    packed stream; the mask is `trained` at the targets (default: every target counts). `state`
+    (JSON) is where it stands; passing it back resumes exactly there."""
 
     def __init__(self, stream: np.ndarray, *, seq_len: int, batch_size: int, accum_steps: int = 1,
-                 seed: int = 0, state: dict | None = None):
+                 seed: int = 0, state: dict | None = None, trained: np.ndarray | None = None):
         self.stream, self.seq_len = np.asarray(stream, np.int32), seq_len
+        self.trained = np.ones(len(self.stream), np.float32) if trained is None else np.asarray(trained, np.float32)
+        if self.trained.shape != self.stream.shape:
+            raise ValueError(f"data: trained mask of shape {self.trained.shape} does not match the stream's "
+                             f"{self.stream.shape}")
         self.shape = (accum_steps, batch_size)
         self.num_windows = (len(self.stream) - 1) // seq_len
         if self.num_windows < batch_size * accum_steps:
@@ -144,6 +182,6 @@ class PackedBatches:
             picks.append(self._epoch_order(self.state["epoch"])[self.state["position"]])
             self.state["position"] += 1
         starts = np.asarray(picks) * self.seq_len
-        windows = self.stream[starts[:, None] + np.arange(self.seq_len + 1)].reshape(*self.shape, self.seq_len + 1)
-        return {"inputs": windows[..., :-1], "targets": windows[..., 1:],
-                "mask": np.ones(windows[..., 1:].shape, np.float32)}
+        where = (starts[:, None] + np.arange(self.seq_len + 1)).reshape(*self.shape, self.seq_len + 1)
+        windows = self.stream[where]
+        return {"inputs": windows[..., :-1], "targets": windows[..., 1:], "mask": self.trained[where[..., 1:]]}

@@ -2,6 +2,7 @@
 without the held-out questions, experiments.pretrain trains on them, and rl.py starts GRPO from that
 workdir (its params, tokenizer.json and config.json; EOS is the packer's document end)."""
 
+import dataclasses
 import json
 
 import jax
@@ -28,9 +29,9 @@ def test_corpus_is_the_demonstrations_without_held_out_questions():
     docs = task_corpus.documents(c, 600)
     assert len(docs) == 600 and len(held_out) > 10
     train = rl.draw_tasks(c, task_corpus.BATCH, 10_000, held_out)
-    assert docs[:3] == ["".join(rl.demonstration(c, t)).removesuffix(EOS) for t in train[:3]]
-    prompts = {d.removeprefix(BOS).rsplit(" ", 1)[0] for d in docs}
-    assert all(d.startswith(BOS) and EOS not in d for d in docs)
+    assert docs[:3] == [data.Example(p, a.removesuffix(EOS)) for p, a in (rl.demonstration(c, t) for t in train[:3])]
+    prompts = {d.prompt.removeprefix(BOS) for d in docs}
+    assert all(d.prompt.startswith(BOS) and EOS not in d.prompt + d.completion for d in docs)
     assert not prompts & held_out
     assert len(prompts) == 100 - len(held_out)  # every other one-digit sum appears
 
@@ -40,7 +41,8 @@ def pretrained(tmp_path_factory):
     """A 2-step pretraining run of configs/rl_format.py on a small corpus."""
     root = tmp_path_factory.mktemp("pretrain")
     corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in task_corpus.documents(rl_math.get_config(), 400)))
+    corpus.write_text("".join(json.dumps(dataclasses.asdict(d)) + "\n"
+                              for d in task_corpus.documents(rl_math.get_config(), 400)))
     config = rl_format.get_config()
     config.update(data=str(corpus), steps=2, batch_size=4, seq_len=32, warmup_steps=1, log_every=1,
                   checkpoint_every=2, mesh="data=1", indexer_recall=False, sample_tokens=0)
@@ -62,6 +64,7 @@ def test_init_from_a_pretraining_workdir(pretrained):
     assert tokenizer.decode(ids) == BOS + "Q: 1+2 A: 3" + EOS
 
 
+@pytest.mark.slow
 def test_grpo_step_from_a_pretraining_workdir(pretrained, tmp_path):
     c = _rl_config()
     c.update(init_from=pretrained[0], steps=1, sft_steps=1000)  # the warm-up is skipped with init_from

@@ -13,7 +13,9 @@ from deepseek_jax.training import data
 def corpus():
     docs = data.load_documents(max_bytes=100_000)
     tokenizer = data.train_tokenizer(docs, 300)
-    return docs, tokenizer, data.pack(tokenizer, docs)
+    stream, trained = data.pack(tokenizer, docs)
+    assert trained.shape == stream.shape and np.all(trained == 1)  # plain text: every token counts
+    return docs, tokenizer, stream
 
 
 def test_corpus_tokenizer_packing(corpus):
@@ -59,7 +61,31 @@ def test_user_jsonl_and_errors(tmp_path):
     path.write_text('{"text": "hello"}\n\n{"text": "world"}\n')
     assert data.load_documents(str(path)) == ["hello", "world"]
     (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
-    with pytest.raises(ValueError, match="string 'text'"):
+    with pytest.raises(ValueError, match="bad.jsonl:1: expected .* string 'text', or strings 'prompt' and"):
         data.load_documents(str(tmp_path / "bad.jsonl"))
     with pytest.raises(ValueError, match="no file"):
         data.load_documents(str(tmp_path / "missing.txt"))
+
+
+def test_prompt_completion_records_train_the_completion_only(tmp_path, corpus):
+    _, tokenizer, _ = corpus
+    path = tmp_path / "sft.jsonl"
+    path.write_text('{"prompt": "Q: 2+3 A:", "completion": " 5"}\n{"text": "free text"}\n'
+                    '{"prompt": "Q: 1+1 A:", "completion": " 2"}\n')
+    docs = data.load_documents(str(path))
+    assert docs == [data.Example("Q: 2+3 A:", " 5"), "free text", data.Example("Q: 1+1 A:", " 2")]
+    stream, trained = data.pack(tokenizer, docs)
+    want_tokens, want_trained = [], []
+    for doc in docs:
+        prompt, rest = (doc.prompt, doc.completion) if isinstance(doc, data.Example) else ("", doc)
+        p, r = (tokenizer.encode(t, add_special_tokens=False).ids for t in (prompt, rest))
+        want_tokens += p + r + [1]
+        want_trained += [0] * len(p) + [1] * (len(r) + 1)  # the completion and its EOS
+    assert stream.tolist() == want_tokens and trained.tolist() == want_trained
+    # A batch's mask is `trained` at its targets: a prompt's first completion token is a target.
+    it = data.PackedBatches(stream, seq_len=len(stream) - 1, batch_size=1, trained=trained)
+    batch = next(it)
+    assert batch["mask"][0, 0].tolist() == want_trained[1:]
+    assert batch["targets"][0, 0].tolist() == want_tokens[1:]
+    with pytest.raises(ValueError, match="trained mask of shape"):
+        data.PackedBatches(stream, seq_len=4, batch_size=1, trained=trained[:-1])

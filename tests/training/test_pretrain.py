@@ -55,10 +55,10 @@ class _Batches:
 
 def _iterator(config, workdir, state=None):
     cfg = pretrain.model_config(config)
-    _, stream = pretrain.load_tokenizer_and_stream(config, workdir, cfg)
+    _, (stream, trained) = pretrain.load_tokenizer_and_stream(config, workdir, cfg)
     from deepseek_jax.training.data import PackedBatches
     return PackedBatches(stream, seq_len=config.seq_len, batch_size=config.batch_size,
-                         accum_steps=config.grad_accum_steps, seed=config.seed, state=state)
+                         accum_steps=config.grad_accum_steps, seed=config.seed, state=state, trained=trained)
 
 
 def _losses(workdir):
