@@ -20,10 +20,13 @@ little next to the keys at T ~ 1. `indexer_topk_decode_triton` selects each row'
 `pallas_kernels.topk.select_topk` (same set as `lax.top_k`, lowest index first on ties, -1 past
 the valid keys, listed by ascending index).
 
+One exception: JAX's Triton lowering addresses an operand with 32-bit offsets (in elements)
+unless it exceeds 4 GiB, so a 1-byte (fp8) operand of 2-4 GiB overflows the signed offset (an
+fp8 cache of 3 layers at B = 64, S = 128K, D = 128: V3.2's dense-MLP layer group). Such a cache
+is read from a copy of the layer (1/L of it); a single fp8 layer of 2-4 GiB is refused.
+
 Target (perf_targets.md, B = 64, S = 128K, H = 64, D = 128): >= 70 % of HBM bandwidth over the
 layer's key bytes. Not measured (no GPU here): experiments/bench_kernels.py times it.
-The pointer offsets are 32-bit unless the whole cache exceeds 4 GiB (JAX's Triton lowering picks
-64-bit only above that); a 1-byte (fp8) cache of 2-4 GiB may overflow a signed offset: unverified.
 
 Shapes: L layers, B batch, T queries, S cache length, H heads, D head dim, K = topk.
 """
@@ -65,6 +68,12 @@ def _scores_kernel(layer_ref, klen_ref, q_ref, w_ref, k_ref, *rest, block_s, num
         o_ref[...] = jnp.full((tp, block_s), -jnp.inf, jnp.float32)
 
 
+def _overflows_offsets(x):
+    """True for the operands JAX's Triton lowering mis-addresses: 32-bit signed element offsets
+    (it switches to 64-bit above 4 GiB) overflow for 1-byte elements past 2 GiB."""
+    return x.dtype.itemsize == 1 and 2**31 < x.size <= 2**32
+
+
 def indexer_scores_decode_triton(q, k_cache, w, layer, k_len, k_scale=None, *, block_s=128, num_warps=4,
                                  num_stages=1, interpret=False):
     """Scores [B, Tp, Sp] float32 (-inf where s >= k_len[b, t] or s >= S) of q [B, T, H, D] against
@@ -79,6 +88,13 @@ def indexer_scores_decode_triton(q, k_cache, w, layer, k_len, k_scale=None, *, b
                          f"in place, unpadded), got {d}")
     if block_s != next_pow2(block_s):
         raise ValueError(f"indexer_scores_decode_triton: block_s must be a power of two >= 16, got {block_s}")
+    if _overflows_offsets(k_cache):
+        k_cache = jax.lax.dynamic_index_in_dim(k_cache, layer, keepdims=True)  # the copy the kernel avoids elsewhere
+        k_scale = None if k_scale is None else jax.lax.dynamic_index_in_dim(k_scale, layer, keepdims=True)
+        layer = 0
+        if _overflows_offsets(k_cache):
+            raise ValueError(f"indexer_scores_decode_triton: one fp8 layer of {k_cache.size / 2**30:.1f} GiB: 2-4 GiB "
+                             "1-byte operands overflow the Triton lowering's 32-bit offsets")
     tp, hp, sp = next_pow2(t, 1), next_pow2(h), -(-s // block_s) * block_s
     # q, w and k_len are small: padded here (padded queries get k_len 0, padded heads weight 0).
     q = jnp.pad(q, ((0, 0), (0, tp - t), (0, hp - h), (0, 0)))
@@ -95,7 +111,7 @@ def indexer_scores_decode_triton(q, k_cache, w, layer, k_len, k_scale=None, *, b
     args = [layer, k_len, q, w, k_cache]
     if k_scale is not None:
         in_specs.append(pl.no_block_spec)
-        args.append(k_scale.astype(jnp.float32) if k_scale.dtype != jnp.float32 else k_scale)
+        args.append(k_scale.astype(jnp.float32))
     return pl.pallas_call(
         functools.partial(_scores_kernel, block_s=block_s, num_keys=s),
         grid=(b, sp // block_s),
