@@ -10,8 +10,9 @@ auto  : sparse when T > index_topk, else dense (identical there: top-k keeps eve
 
 With a cache (`cached_mla_attention`, decode and speculative verification) the T new queries
 attend, in absorbed mode, over the cached rows of their sequence up to their own position:
-sparse picks the indexer's top-k of the cached keys (every key while a sequence holds at most
-index_topk of them, which equals dense); dense attends over every cached row (V3.1-style decode,
+sparse picks the indexer's top-k of the cached keys (`ops.indexer_topk_decode`, one call for the
+T queries on the stacked key cache; every key while a sequence holds at most index_topk of them,
+which equals dense); dense attends over every cached row (V3.1-style decode,
 for comparison).
 
 Legend: B batch, T queries, S keys, H heads, N nope dim, R rope dim, C latent rank, V v dim,

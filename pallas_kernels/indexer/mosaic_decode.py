@@ -17,17 +17,19 @@ TPU-specific choices (why):
   Pallas skips the DMA when the block index does not change, and the kernel skips the matmul.
 - FP8 (e4m3) keys are widened to bf16 in VMEM, after the DMA (exact: every e4m3 value is a
   bf16; no fp8 MXU path before TPU v7). Widening outside would copy every layer of the cache.
-- The key scales (k_scale [L, B, S], FP8 keys) multiply the scores after the kernel, in the XLA
-  fusion that reads them for the top-k: a (1, block_s) window of one sequence breaks the
-  (8, 128) block rule, and reshaping the stacked scales to [L, B, 1, S] relayouts (copies)
-  every layer. The fusion reads the layer's scales in place (4 B per key) and the scores once
-  more (4·T B per key), next to the 128 B per key of the keys. The scale is one fp32 multiply
-  after the head sum, as in the reference, so the scores are the same.
+- The key scales (k_scale [L, B, S], FP8 keys) multiply the scores in XLA after the kernel: a
+  (1, block_s) window of one sequence breaks the (8, 128) block rule, and reshaping the stacked
+  scales to [L, B, 1, S] would relayout (copy) every layer. The elementwise fusion can read the
+  layer's scales in place (4 B per key) and reads and writes the scores once more (8·T B per
+  key), next to the keys' 128 B per key (not measured). The scale is one fp32 multiply after
+  the head sum, as in the reference, so the scores are the same.
 - q [T, H, D] and w [T, H, 1] are whole blocks per sequence (w's trailing unit dim broadcasts
   the head weights along lanes); keys [block_s, D], scores [T, block_s] (block_s a multiple of
   128).
 
-Not measured on a TPU (none here); run under `pltpu.InterpretParams` in the tests.
+Not measured on a TPU (none here); run under `pltpu.InterpretParams` in the tests, and lowered
+for TPU by `jax.export` (Pallas's checks only: whether Mosaic compiles the in-VMEM e4m3 -> bf16
+widening on a given TPU generation is unverified).
 
 Shapes: L layers, B batch, T queries, S cache length, H heads, D head dim, K = topk.
 """
@@ -110,8 +112,5 @@ def indexer_scores_decode_mosaic(q, k_cache, w, layer, k_len, k_scale=None, *, b
 
 def indexer_topk_decode_mosaic(q, k_cache, w, layer, k_len, *, topk, k_scale=None, interpret=False, **tiles):
     """Same contract as `indexer_topk_decode_reference`: int32 [B, T, topk], -1 for empty slots, indices ascending."""
-    b, t = q.shape[:2]
-    s = k_cache.shape[2]
     scores = indexer_scores_decode_mosaic(q, k_cache, w, layer, k_len, k_scale, interpret=interpret, **tiles)
-    idx = select_topk(scores.reshape(b * t, -1), min(topk, s))  # -inf (masked, padded) never selected
-    return jnp.pad(idx, ((0, 0), (0, max(topk - s, 0))), constant_values=-1).reshape(b, t, topk)
+    return select_topk(scores, topk)  # -inf (masked or padded keys) never selected; -1 past the valid keys

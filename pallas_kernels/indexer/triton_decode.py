@@ -126,8 +126,7 @@ def indexer_scores_decode_triton(q, k_cache, w, layer, k_len, k_scale=None, *, b
 
 def indexer_topk_decode_triton(q, k_cache, w, layer, k_len, *, topk, k_scale=None, interpret=False, **tiles):
     """Same contract as `indexer_topk_decode_reference`: int32 [B, T, topk], -1 for empty slots, indices ascending."""
-    b, t = q.shape[:2]
+    t = q.shape[1]
     scores = indexer_scores_decode_triton(q, k_cache, w, layer, k_len, k_scale, interpret=interpret, **tiles)
     # -inf scores (masked or padded keys) are never selected; -1 fills the slots past the valid keys.
-    idx = select_topk(scores[:, :t].reshape(b * t, -1), min(topk, k_cache.shape[2]))
-    return jnp.pad(idx, ((0, 0), (0, max(topk - k_cache.shape[2], 0))), constant_values=-1).reshape(b, t, topk)
+    return select_topk(scores[:, :t], topk)
