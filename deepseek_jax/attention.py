@@ -10,8 +10,9 @@ auto  : sparse when T > index_topk, else dense (identical there: top-k keeps eve
 
 With a cache (`cached_mla_attention`, decode and speculative verification) the T new queries
 attend, in absorbed mode, over the cached rows of their sequence up to their own position:
-sparse picks the indexer's top-k of the cached keys (every key while a sequence holds at most
-index_topk of them, which equals dense); dense attends over every cached row (V3.1-style decode,
+sparse picks the indexer's top-k of the cached keys (`ops.indexer_topk_decode`, one call for the
+T queries on the stacked key cache; every key while a sequence holds at most index_topk of them,
+which equals dense); dense attends over every cached row (V3.1-style decode,
 for comparison).
 
 Legend: B batch, T queries, S keys, H heads, N nope dim, R rope dim, C latent rank, V v dim,
@@ -107,15 +108,11 @@ def cached_mla_attention(q_nope, q_rope, kv_b, index_q, index_w, group, layer, s
                               preferred_element_type=jnp.float32).astype(q.dtype)
         return _expand_values(o_latent, kv_b, nope), None
 
-    # One indexer call per query: each has its own key limit (start[b] + t + 1); T is 1 in decode
-    # and 1 + drafts in speculative verification. q_offset = S - 1 lifts the causal bound so k_len rules.
-    index_k, index_k_scale = cache_lib.layer_index_keys(group, layer)
-    s_max = index_k.shape[1]
-    indices = jnp.concatenate([
-        ops.indexer_topk(index_q[:, i:i + 1], index_k, index_w[:, i:i + 1], k_scale=index_k_scale,
-                         topk=cfg.index_topk, q_offset=s_max - 1, k_len=limit[:, i],
-                         chunk_size=cfg.attention_chunk_size, impl=cfg.attention_impl)
-        for i in range(t)], axis=1)  # [B, T, K]
+    # One indexer call for the T queries (1 in decode, 1 + drafts in speculative verification), each
+    # limited to its own rows; the kernels read this layer of the stacked keys in place.
+    index_k, index_k_scale = cache_lib.index_key_stack(group)
+    indices = ops.indexer_topk_decode(index_q, index_k, index_w, layer, limit, k_scale=index_k_scale,
+                                      topk=cfg.index_topk, impl=cfg.attention_impl)  # [B, T, K]
     # Gather the selected rows out of the stacked cache (no copy of the layer), then attend over
     # them: query t's rows sit at t·K .. t·K + K - 1 of the gathered block.
     k = indices.shape[-1]

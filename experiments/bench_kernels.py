@@ -1,6 +1,7 @@
 """Microbenchmarks of the DSA kernels against their baselines, measured in the same run.
 
     python -m experiments.bench_kernels [--seq_lens=4096,16384,65536] [--topk=2048] [--out=bench_kernels.json]
+        [--parts=decode,sparse_mla,indexer,backward]
 
 sparse_mla forward (V3.2 shapes: H=128 heads, Dqk=576, Dv=512, k=2048, one KV row per token):
   - the Pallas kernel (Triton lowering), each --configs tile config (block_h:block_k:num_warps:num_stages) at --sweep_len, then the
@@ -23,10 +24,18 @@ against `jax.vjp` of the XLA reference; backward FLOPs = 2·T·k·H·(3·Dqk + 2
 Counting follows FlashMLA: sparse FLOPs = 2·T·k·H·(Dqk + Dv) (unused slots included), bytes =
 valid rows · Dqk · 2 + T·H·(Dqk + Dv)·2; dense causal FLOPs = T²·H·(192 + 128). Roofline
 fractions use --peak_tflops and --peak_gbs (H200 measured here: ~790 TFLOP/s bf16, ~4.3 TB/s).
-Before timing, the kernel is checked against the reference on the device (max abs error).
+Decode indexer (`ops.indexer_topk_decode`'s Triton kernel + select_topk; B=64 sequences, S=128K
+valid keys, T=1 query, 64 heads x 128, bf16 then fp8 keys with scales, on the last layer of an
+L=2 stacked cache): each --decode_configs tile (block_s:num_warps) in bf16, the best one in
+fp8, its scores kernel alone, and in the same run the old path on the sliced layer (the XLA
+reference; the prefill kernel once per query). GB/s counts the layer's key (+ scale) bytes,
+read once: the target is >= 70 % of --peak_gbs (perf_targets.md); see `_decode`.
+Before timing, the kernel is checked against the reference on the device (max abs error; index
+set agreement for the indexers, printed after the sweep for the decode one).
 Times are medians of --repeats runs after a warm-up; on shared machines prefer ratios.
 """
 
+import functools
 import json
 import statistics
 import time
@@ -36,8 +45,15 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from pallas_kernels import topk as topk_lib
-from pallas_kernels.indexer.reference import indexer_topk_reference
+from pallas_kernels.indexer.reference import (
+    indexer_topk_decode_reference,
+    indexer_topk_reference,
+)
 from pallas_kernels.indexer.triton import indexer_scores_triton, indexer_topk_triton
+from pallas_kernels.indexer.triton_decode import (
+    indexer_scores_decode_triton,
+    indexer_topk_decode_triton,
+)
 from pallas_kernels.sparse_mla.reference import sparse_mla_reference
 from pallas_kernels.sparse_mla.triton import sparse_mla_bwd, sparse_mla_fwd
 
@@ -67,6 +83,14 @@ _INDEX_CONFIGS = flags.DEFINE_list("index_configs", ["4:64:8:2", "8:64:8:2", "4:
                                    "indexer tiles block_t:block_s:num_warps:num_stages, ...")
 _INDEX_CHUNK = flags.DEFINE_integer("index_chunk", 512, "queries per indexer chunk (indexer_topk_triton's default)")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "run the kernel in Pallas interpret mode (CPU smoke runs)")
+_PART_NAMES = ("decode", "sparse_mla", "indexer", "backward")
+_PARTS = flags.DEFINE_list("parts", list(_PART_NAMES), f"which benchmarks to run, in this order: {_PART_NAMES}")
+_DECODE_BATCH = flags.DEFINE_integer("decode_batch", 64, "decode: sequences B")
+_DECODE_LEN = flags.DEFINE_integer("decode_len", 131072, "decode: cached keys per sequence S (all valid)")
+_DECODE_QUERIES = flags.DEFINE_integer("decode_queries", 1, "decode: queries per sequence T (1 + speculative drafts)")
+_DECODE_LAYERS = flags.DEFINE_integer("decode_layers", 2, "decode: layers L of the stacked cache (the last is read)")
+_DECODE_CONFIGS = flags.DEFINE_list("decode_configs", ["128:4", "256:4", "256:8", "64:4"],
+                                    "decode kernel tiles block_s:num_warps, ...")
 
 
 def _time(fn, *args):
@@ -101,10 +125,10 @@ def _sparse_costs(t, idx):
     return flops, nbytes
 
 
-def _row(name, t, seconds, flops, nbytes):
+def _row(name, t, seconds, flops, nbytes, peak_tflops=None):
     tflops, gbs = flops / seconds / 1e12, nbytes / seconds / 1e9
     row = dict(kernel=name, T=t, ms=seconds * 1e3, tflops=tflops, gbs=gbs,
-               roofline=max(tflops / _PEAK_TFLOPS.value, gbs / _PEAK_GBS.value))
+               roofline=max(tflops / (peak_tflops or _PEAK_TFLOPS.value), gbs / _PEAK_GBS.value))
     print(f"{name:34s} {t:>7d} {row['ms']:>10.2f} {tflops:>8.1f} {gbs:>8.0f} {row['roofline']:>8.2f}", flush=True)
     return row
 
@@ -194,6 +218,72 @@ def _indexer(sparse_seconds):
     return rows
 
 
+def _decode():
+    """Decode indexer rows: the kernel on the last layer of a stacked cache [L, B, S, D], against the old path.
+
+    Every key is valid (k_len = S), so the kernel reads the whole layer: bytes = B·S·(D·itemsize + 4
+    for FP8's per-key scale); FLOPs = 2·B·T·S·H·D (FP8 rows against twice --peak_tflops, the FP8
+    rate perf_targets.md assumes). Baselines, each on the layer sliced out of the cache (the copy
+    the kernel avoids): the XLA reference (`indexer_topk_decode_reference`, the CPU path), and the
+    prefill Triton kernel called once per query with q_offset = S - 1 (what cached_mla_attention
+    ran on GPU before `ops.indexer_topk_decode`). Agreement: the fraction of equal entries of the
+    sorted index sets, kernel vs reference.
+    """
+    b, s, t, n_layers = _DECODE_BATCH.value, _DECODE_LEN.value, _DECODE_QUERIES.value, _DECODE_LAYERS.value
+    h, d, k = _INDEX_HEADS.value, _INDEX_DIM.value, _TOPK.value
+    kq, kk, kw, ks = jax.random.split(jax.random.PRNGKey(5), 4)
+    layer, k_len = jnp.int32(n_layers - 1), jnp.full((b, t), s, jnp.int32)
+    w = jax.random.normal(kw, (b, t, h), jnp.float32)
+    flops = 2 * b * t * s * h * d
+    agreement = lambda got, ref: float(jnp.mean(jnp.sort(got, axis=-1) == jnp.sort(ref, axis=-1)))
+
+    def kernel_fn(cfg, scores_only=False):
+        bs, nw = map(int, cfg.split(":"))
+        fn = indexer_scores_decode_triton if scores_only else functools.partial(indexer_topk_decode_triton, topk=k)
+        return jax.jit(lambda q, kc, w, layer, kl, ks: fn(q, kc, w, layer, kl, k_scale=ks, block_s=bs, num_warps=nw,
+                                                          interpret=_INTERPRET.value))
+
+    reference = jax.jit(lambda q, kc, w, layer, kl, ks: indexer_topk_decode_reference(q, kc, w, layer, kl, topk=k,
+                                                                                        k_scale=ks))
+    per_query = jax.jit(lambda q, kc, w, layer, kl, ks: jnp.concatenate([
+        indexer_topk_triton(q[:, i:i + 1], kc[layer], w[:, i:i + 1], topk=k, k_scale=None if ks is None else ks[layer],
+                            q_offset=s - 1, k_len=kl[:, i], interpret=_INTERPRET.value) for i in range(t)], axis=1))
+
+    rows, configs = [], _DECODE_CONFIGS.value
+    q = jax.random.normal(kq, (b, t, h, d), jnp.bfloat16)
+    cache = jax.random.normal(kk, (n_layers, b, s, d), jnp.bfloat16)
+    for name in ("bf16", "fp8"):  # the tiles are swept in bf16; fp8 runs the best of them
+        scale = None
+        if name == "fp8":  # e4m3 keys and queries with per-key scales (the model's index_fp8 cache)
+            q, cache = q.astype(jnp.float8_e4m3fn), cache.astype(jnp.float8_e4m3fn)
+            scale = jax.random.uniform(ks, (n_layers, b, s), jnp.float32, 0.5, 2.0)
+        args = (q, cache, w, layer, k_len, scale)
+        nbytes = b * s * (d * cache.dtype.itemsize + (4 if scale is not None else 0))
+        peak = _PEAK_TFLOPS.value * (2 if name == "fp8" else 1)
+        label = f"B{b} T{t} {name}"
+        sweep, fns = {}, {}
+        for cfg in configs:
+            try:
+                fns[cfg] = kernel_fn(cfg)
+                sweep[cfg] = _time(fns[cfg], *args)
+            except Exception as e:  # noqa: BLE001 (a tile config Triton cannot compile: any error)
+                print(f"decode config {cfg}: failed ({type(e).__name__}: {str(e)[:200]})", flush=True)
+                continue
+            rows.append(_row(f"decode indexer pallas [{cfg}] {label}", s, sweep[cfg], flops, nbytes, peak))
+        if not sweep:
+            return rows
+        best = min(sweep, key=sweep.get)
+        configs = [best]
+        print(f"decode indexer [{best}] {label}: agreement with the reference's index sets "
+              f"{agreement(fns[best](*args), reference(*args)):.4f}", flush=True)
+        rows.append(_row(f"decode scores only [{best}] {label}", s, _time(kernel_fn(best, scores_only=True), *args),
+                         flops, nbytes, peak))
+        rows.append(_row(f"decode old: xla reference {label}", s, _time(reference, *args), flops, nbytes, peak))
+        rows.append(_row(f"decode old: prefill kernel/query {label}", s, _time(per_query, *args), flops, nbytes,
+                         peak))
+    return rows
+
+
 def _backward(scale, v):
     """Checks the backward kernel against the reference VJP on the device, then times it."""
     rows = []
@@ -232,10 +322,10 @@ def _backward(scale, v):
     return rows
 
 
-def main(argv):
-    del argv
-    v, scale = _V_DIM.value, (_V_DIM.value + _ROPE_DIM.value) ** -0.5
-    print(f"device: {jax.devices()[0].device_kind}  jax {jax.__version__}")
+def _sparse_mla_forward(scale, v):
+    """Checks the forward tile configs against the reference, then times the best against the baselines.
+
+    Returns (rows, {T: best forward seconds}, best config, {config: max abs error})."""
     q, kv, idx = _inputs(1024, jax.random.PRNGKey(0))
     ref = sparse_mla_reference(q.astype(jnp.float32), kv.astype(jnp.float32), idx, scale=scale, v_dim=v)
     check = {}
@@ -254,7 +344,6 @@ def main(argv):
         raise SystemExit("no tile config compiled and matched the reference")
 
     rows = []
-    print(f"{'kernel':34s} {'T':>7s} {'ms':>10s} {'TFLOP/s':>8s} {'GB/s':>8s} {'roofline':>8s}")
     q, kv, idx = _inputs(_SWEEP_LEN.value, jax.random.PRNGKey(1))
     flops, nbytes = _sparse_costs(_SWEEP_LEN.value, idx)
     sweep = {}
@@ -292,8 +381,27 @@ def main(argv):
         dense_bytes = 4 * t * h * 192 * 2
         rows.append(_row("dense causal MHA (cuDNN, 192/128)", t, _time(dense, qd, qd, qd), dense_flops, dense_bytes))
         del qd
-    rows += _indexer(best_fwd_ms)
-    rows += _backward(scale, v)
+    return rows, best_fwd_ms, best, check
+
+
+def main(argv):
+    del argv
+    parts = set(_PARTS.value)
+    if not parts <= set(_PART_NAMES):
+        raise SystemExit(f"--parts: expected a subset of {_PART_NAMES}, got {_PARTS.value}")
+    v, scale = _V_DIM.value, (_V_DIM.value + _ROPE_DIM.value) ** -0.5
+    print(f"device: {jax.devices()[0].device_kind}  jax {jax.__version__}")
+    print(f"{'kernel':34s} {'T':>7s} {'ms':>10s} {'TFLOP/s':>8s} {'GB/s':>8s} {'roofline':>8s}")
+    rows, best_fwd_ms, best, check = [], {}, None, {}
+    if "decode" in parts:
+        rows += _decode()
+    if "sparse_mla" in parts:
+        fwd_rows, best_fwd_ms, best, check = _sparse_mla_forward(scale, v)
+        rows += fwd_rows
+    if "indexer" in parts:
+        rows += _indexer(best_fwd_ms)
+    if "backward" in parts:
+        rows += _backward(scale, v)
     with open(_OUT.value, "w") as f:
         json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, best_config=best, check=check,
                        rows=rows), f, indent=2)

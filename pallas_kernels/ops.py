@@ -1,4 +1,4 @@
-"""Public DSA entry points: `indexer_topk` and `sparse_mla` (their names and shapes are a contract).
+"""Public DSA entry points: `indexer_topk`, `indexer_topk_decode` and `sparse_mla` (their names and shapes are a contract).
 
 `impl` picks the implementation:
 - "reference": the pure-JAX reference;
@@ -12,9 +12,11 @@ A kernel runs interpreted where it cannot compile: the Triton one on CPU (or wit
 `implementation(impl)` names what runs here.
 Kernels: sparse MLA forward and backward (a `jax.custom_vjp`, dkv accumulated over every query
 that selected a row); indexer scores, with the top-k of each query chunk by
-`pallas_kernels.topk.select_topk` (radix select in XLA, no sort). Not yet: decode-specialised
-variants. FP8 (e4m3) indexer inputs: the Triton kernel multiplies them natively (fp32
-accumulation); the Mosaic one gets them widened to bf16 (exact: every e4m3 value is a bf16).
+`pallas_kernels.topk.select_topk` (radix select in XLA, no sort); the decode indexer
+(`indexer_topk_decode`: few queries, a per-query key limit, one layer read in place from the
+stacked cache [L, B, S, D], `pallas_kernels/indexer/{triton,mosaic}_decode.py`). FP8 (e4m3)
+indexer inputs: the Triton kernels multiply them natively (fp32 accumulation); the Mosaic ones
+widen them to bf16 (exact: every e4m3 value is a bf16), the decode one in VMEM after the DMA.
 """
 
 import functools
@@ -24,8 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.indexer import mosaic as indexer_mosaic
+from pallas_kernels.indexer import mosaic_decode as indexer_mosaic_decode
 from pallas_kernels.indexer import triton as indexer_triton
-from pallas_kernels.indexer.reference import indexer_topk_reference
+from pallas_kernels.indexer import triton_decode as indexer_triton_decode
+from pallas_kernels.indexer.reference import (
+    indexer_topk_decode_reference,
+    indexer_topk_reference,
+)
 from pallas_kernels.sparse_mla import mosaic as sparse_mla_mosaic
 from pallas_kernels.sparse_mla import triton as sparse_mla_triton
 from pallas_kernels.sparse_mla.reference import sparse_mla_reference
@@ -81,34 +88,75 @@ def indexer_topk(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, impl="a
     if kernel is not None:
         if kernel == "mosaic" and q.dtype == jnp.float8_e4m3fn:  # no fp8 MXU path before TPU v7
             q, k = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
-        return _indexer_kernel(q, k, w, k_scale, k_len, q_offset, topk, kernel, interpret)
+        topk_fn = indexer_mosaic.indexer_topk_mosaic if kernel == "mosaic" else indexer_triton.indexer_topk_triton
+        return _without_gradient(functools.partial(topk_fn, topk=topk, q_offset=q_offset, interpret=interpret),
+                                 q, k, w, k_scale=k_scale, k_len=k_len)
     return indexer_topk_reference(q, k, w, topk=topk, k_scale=k_scale, q_offset=q_offset, k_len=k_len,
                                   chunk_size=chunk_size, key_block=key_block)
 
 
-# The kernel sits behind a custom_vjp (with a zero backward: indices carry no gradient) because
-# a bare pallas_call is never dead-code eliminated, and Flax's nn.scan then refuses it inside the
-# layer scan ("broadcasted variable has a data dependency on the scan body").
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _indexer_kernel(q, k, w, k_scale, k_len, q_offset, topk, kernel, interpret):
-    topk_fn = indexer_mosaic.indexer_topk_mosaic if kernel == "mosaic" else indexer_triton.indexer_topk_triton
-    return topk_fn(q, k, w, topk=topk, k_scale=k_scale, q_offset=q_offset, k_len=k_len, interpret=interpret)
+def indexer_topk_decode(q, k_cache, w, layer, k_len, *, topk, k_scale=None, impl="auto", interpret=False):
+    """Top-k keys of the lightning indexer in decode, read from one layer of the stacked cache.
+
+    q [B, T, H, D] (T small: 1 in decode, 1 + drafts in speculative verification),
+    k_cache [L, B, S, D] (bf16, fp32 or fp8 e4m3), w [B, T, H] (float32), layer: int32 scalar
+    (may be traced; must lie in [0, L)), k_len [B, T] int32, k_scale [L, B, S] (FP8 keys) or
+    None -> int32 [B, T, topk]: for query t of sequence b the indices of the largest
+    I[t, s] = k_scale[layer, b, s] Σ_h w[t, h] relu(q[t, h]·k_cache[layer, b, s]) over s < k_len[b, t]
+    (no causal bound: k_len is each query's own limit; values past S are clipped to S). The same
+    selection contract as `indexer_topk`: lax.top_k's set (ties: lowest index first), -1 in the
+    slots past the valid keys; the reference lists by decreasing score, the kernels by ascending
+    index. The kernels read the layer inside the kernel (no [B, S, D] copy of it); the reference
+    slices it out. `impl` and `interpret`: see the module docstring.
+    """
+    kernel, interpret = _kernel(impl, interpret)
+    if q.ndim != 4 or k_cache.ndim != 4 or w.ndim != 3:
+        raise ValueError(f"indexer_topk_decode: expected q [B,T,H,D], k_cache [L,B,S,D], w [B,T,H]; got {q.shape}, "
+                         f"{k_cache.shape}, {w.shape}")
+    if q.shape[-1] != k_cache.shape[-1] or q.shape[:3] != w.shape or q.shape[0] != k_cache.shape[1]:
+        raise ValueError(f"indexer_topk_decode: shapes disagree: q {q.shape}, k_cache {k_cache.shape}, w {w.shape}")
+    if jnp.shape(k_len) != q.shape[:2]:
+        raise ValueError(f"indexer_topk_decode: k_len: expected [B, T] = {q.shape[:2]}, got {jnp.shape(k_len)}")
+    if k_scale is not None and k_scale.shape != k_cache.shape[:3]:
+        raise ValueError(f"indexer_topk_decode: k_scale: expected [L, B, S] = {k_cache.shape[:3]}, got {k_scale.shape}")
+    if jnp.ndim(layer) != 0:
+        raise ValueError(f"indexer_topk_decode: layer: expected a scalar, got shape {jnp.shape(layer)}")
+    if isinstance(layer, (int, np.integer)) and not 0 <= layer < k_cache.shape[0]:
+        raise ValueError(f"indexer_topk_decode: layer: expected 0 <= layer < {k_cache.shape[0]}, got {layer}")
+    layer, k_len = jnp.asarray(layer, jnp.int32), jnp.asarray(k_len, jnp.int32)
+    q, k_cache, w = jax.lax.stop_gradient((q, k_cache, w))
+    if kernel is not None:
+        topk_fn = (indexer_mosaic_decode.indexer_topk_decode_mosaic if kernel == "mosaic"
+                   else indexer_triton_decode.indexer_topk_decode_triton)
+        return _without_gradient(functools.partial(topk_fn, topk=topk, interpret=interpret),
+                                 q, k_cache, w, layer, k_len, k_scale=k_scale)
+    return indexer_topk_decode_reference(q, k_cache, w, layer, k_len, topk=topk, k_scale=k_scale)
 
 
-def _indexer_kernel_fwd(q, k, w, k_scale, k_len, q_offset, topk, kernel, interpret):
-    primals = (q, k, w, k_scale, k_len)
-    return _indexer_kernel(*primals, q_offset, topk, kernel, interpret), primals
+# A kernel whose output carries no gradient (indices) sits behind a custom_vjp with a zero backward
+# because a bare pallas_call is never dead-code eliminated, and Flax's nn.scan then refuses it inside
+# the layer scan ("broadcasted variable has a data dependency on the scan body"). fn: a static callable
+# (its non-array arguments bound); arrays and None go in args/kwargs.
+def _without_gradient(fn, *args, **kwargs):
+    return _zero_vjp_call(fn, args, kwargs)
 
 
-def _indexer_kernel_bwd(q_offset, topk, kernel, interpret, primals, _):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _zero_vjp_call(fn, args, kwargs):
+    return fn(*args, **kwargs)
+
+
+def _zero_vjp_call_fwd(fn, args, kwargs):
+    return fn(*args, **kwargs), (args, kwargs)
+
+
+def _zero_vjp_call_bwd(fn, primals, _):
     def zero(x):
-        if x is None:
-            return None
         return jnp.zeros_like(x) if jnp.issubdtype(x.dtype, jnp.inexact) else np.zeros(x.shape, jax.dtypes.float0)
-    return tuple(zero(x) for x in primals)
+    return jax.tree.map(zero, primals)
 
 
-_indexer_kernel.defvjp(_indexer_kernel_fwd, _indexer_kernel_bwd)
+_zero_vjp_call.defvjp(_zero_vjp_call_fwd, _zero_vjp_call_bwd)
 
 
 def sparse_mla(q, kv, indices, *, scale, v_dim=512, impl="auto", interpret=False, chunk_size=256):

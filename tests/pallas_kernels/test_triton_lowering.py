@@ -5,6 +5,11 @@ serialized into a `__gpu$xla.gpu.triton` custom call) without a GPU, so a primit
 lowering does not support fails here rather than on the device. Not covered: Triton's own
 compilation to PTX (shared memory and register limits), which only a GPU run exercises.
 Tracing only: nothing executes, so real sizes cost little.
+
+The decode indexer at V3.2 decode shapes (B = 64 sequences, T = 1 or 2 queries, S = 128K cached
+keys, a stacked cache of L = 2 layers, bf16 and fp8) also reads the cache in place: no
+dynamic-slice of a layer appears in the module, except where an fp8 cache of 2-4 GiB makes it
+fall back to a copy of the layer (32-bit offsets).
 """
 
 import jax
@@ -12,6 +17,7 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels.indexer.triton import indexer_topk_triton
+from pallas_kernels.indexer.triton_decode import indexer_topk_decode_triton
 from pallas_kernels.sparse_mla import triton as sparse_mla_triton
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -31,12 +37,39 @@ KERNELS = {
                          (sd((B, T, HI, DI), jnp.float8_e4m3fn), sd((B, S, DI), jnp.float8_e4m3fn),
                           sd((B, T, HI), jnp.float32), sd((B, S), jnp.float32))),
 }
+DB, DS = 64, 131072  # decode: sequences, cached keys
+
+
+def decode_case(t, dtype, layers=2):
+    """The decode indexer (scores kernel + select_topk) on layer `layer` (traced) of a stacked cache."""
+    scaled = dtype == jnp.float8_e4m3fn
+    args = (sd((DB, t, HI, DI), dtype), sd((layers, DB, DS, DI), dtype), sd((DB, t, HI), jnp.float32),
+            sd((), jnp.int32), sd((DB, t), jnp.int32)) + ((sd((layers, DB, DS), jnp.float32),) if scaled else ())
+    return lambda q, k, w, layer, k_len, *ks: indexer_topk_decode_triton(q, k, w, layer, k_len, topk=K,
+                                                                        k_scale=ks[0] if ks else None), args
+
+
+KERNELS |= {"indexer_topk_decode_t1": decode_case(1, jnp.bfloat16), "indexer_topk_decode_t2": decode_case(2, jnp.bfloat16),
+            "indexer_topk_decode_fp8_t1": decode_case(1, jnp.float8_e4m3fn),
+            "indexer_topk_decode_fp8_t2": decode_case(2, jnp.float8_e4m3fn)}
+
+
+def export_for_cuda(fn, args):
+    return jax.export.export(jax.jit(fn), platforms=("cuda",),
+                             disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*args)
 
 
 @pytest.mark.parametrize("name", sorted(KERNELS))
 def test_lowers_for_cuda(name):
-    fn, args = KERNELS[name]
-    exported = jax.export.export(jax.jit(fn), platforms=("cuda",),
-                                 disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*args)
+    exported = export_for_cuda(*KERNELS[name])
     assert exported.platforms == ("cuda",)
-    assert exported.mlir_module().count(TRITON_CALL) == 1
+    module = exported.mlir_module()
+    assert module.count(TRITON_CALL) == 1
+    if "decode" in name:  # the layer is read inside the kernel: XLA slices nothing out of the cache
+        assert "dynamic_slice" not in module
+
+
+def test_decode_copies_the_layer_of_a_2_to_4_gib_fp8_cache():
+    """3 fp8 layers at the decode shape: 3 GiB, addressed with 32-bit offsets, so the layer is sliced out."""
+    module = export_for_cuda(*decode_case(1, jnp.float8_e4m3fn, layers=3)).mlir_module()
+    assert "dynamic_slice" in module and module.count(TRITON_CALL) == 1

@@ -1,0 +1,132 @@
+"""Decode lightning-indexer scores as a Pallas kernel with the Triton lowering (GPU), read from the stacked cache.
+
+Same function as `pallas_kernels/indexer/reference.py` (spec §3, steps 6-9) for the decode shape:
+few queries per sequence (T = 1, or 1 + drafts in speculative verification), a long cache and a
+key limit per query. Query t of sequence b scores the keys s < k_len[b, t] of one layer:
+I[t, s] = k_scale[s] · Σ_h w[t, h] · relu(q[t, h] · k[layer, b, s]) in float32.
+
+The grid is (B, S blocks). A program takes the T·H query rows of its sequence as one
+[T·H, D] x [D, block_s] matmul (bf16, fp32 or Hopper's native fp8 e4m3, fp32 accumulation),
+then ReLU, the weighted head sum and the key scale, and writes -inf where s >= k_len[b, t].
+Why it reads the cache itself:
+- k_cache [L, B, S, D] and k_scale [L, B, S] come in whole (no BlockSpec) and the program loads
+  its block at (layer, b, block) by pointer: XLA never slices the layer out, which would copy
+  [B, S, D] before the kernel and double the HBM traffic of a memory-bound step. `layer` is an
+  operand, so it may be traced (the model scans over layers). The last block's rows past S are
+  masked loads, so S need not be a multiple of block_s (the cache is never padded either).
+- A block wholly past every query's k_len is not read (`pl.when`): its scores are -inf.
+Scores are [B, T, Sp] float32 (Sp = S rounded up to block_s, padding -inf): O(S) per query,
+little next to the keys at T ~ 1. `indexer_topk_decode_triton` selects each row's top-k with
+`pallas_kernels.topk.select_topk` (same set as `lax.top_k`, lowest index first on ties, -1 past
+the valid keys, listed by ascending index).
+
+One exception: JAX's Triton lowering addresses an operand with 32-bit offsets (in elements)
+unless it exceeds 4 GiB, so a 1-byte (fp8) operand of 2-4 GiB overflows the signed offset (an
+fp8 cache of 3 layers at B = 64, S = 128K, D = 128: V3.2's dense-MLP layer group). Such a cache
+is read from a copy of the layer (1/L of it); a single fp8 layer of 2-4 GiB is refused.
+
+Target (perf_targets.md, B = 64, S = 128K, H = 64, D = 128): >= 70 % of HBM bandwidth over the
+layer's key bytes. Not measured (no GPU here): experiments/bench_kernels.py times it.
+
+Shapes: L layers, B batch, T queries, S cache length, H heads, D head dim, K = topk.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.tiles import next_pow2
+from pallas_kernels.topk import select_topk
+
+
+def _scores_kernel(layer_ref, klen_ref, q_ref, w_ref, k_ref, *rest, block_s, num_keys):
+    ks_ref, o_ref = rest if len(rest) == 2 else (None, rest[0])
+    tp, hp, d = q_ref.shape
+    b, first = pl.program_id(0), pl.program_id(1) * block_s
+    limit = klen_ref[...]  # [Tp]
+    visible = first < jnp.max(limit)
+
+    @pl.when(visible)
+    def _():
+        layer = layer_ref[0]
+        keys = first + jnp.arange(block_s, dtype=jnp.int32)
+        rows = pl.ds(first, block_s)
+        in_cache = None if num_keys % block_s == 0 else keys < num_keys  # only the last block has rows past S
+        k = plgpu.load(k_ref.at[layer, b, rows, :], mask=None if in_cache is None else in_cache[:, None],
+                       other=None if in_cache is None else 0)
+        logits = jnp.maximum(jnp.dot(q_ref[...].reshape(tp * hp, d), k.T, preferred_element_type=jnp.float32), 0.0)
+        scores = jnp.sum((logits * w_ref[...].reshape(tp * hp, 1)).reshape(tp, hp, block_s), axis=1)
+        if ks_ref is not None:
+            scores = scores * plgpu.load(ks_ref.at[layer, b, rows], mask=in_cache, other=None if in_cache is None else 0)[None, :]
+        o_ref[...] = jnp.where(keys[None, :] < limit[:, None], scores, -jnp.inf)
+
+    @pl.when(jnp.logical_not(visible))  # a block wholly past every query's k_len: not read
+    def _():
+        o_ref[...] = jnp.full((tp, block_s), -jnp.inf, jnp.float32)
+
+
+def _overflows_offsets(x):
+    """True for the operands JAX's Triton lowering mis-addresses: 32-bit signed element offsets
+    (it switches to 64-bit above 4 GiB) overflow for 1-byte elements past 2 GiB."""
+    return x.dtype.itemsize == 1 and 2**31 < x.size <= 2**32
+
+
+def indexer_scores_decode_triton(q, k_cache, w, layer, k_len, k_scale=None, *, block_s=128, num_warps=4,
+                                 num_stages=1, interpret=False):
+    """Scores [B, Tp, Sp] float32 (-inf where s >= k_len[b, t] or s >= S) of q [B, T, H, D] against
+    k_cache[layer] ([L, B, S, D], read in place); Tp, Sp: T and S rounded up to powers of two / block_s.
+
+    D must be a power of two >= 16: the keys are read as stored (padding D would copy the cache).
+    """
+    b, t, h, d = q.shape
+    s = k_cache.shape[2]
+    if d != next_pow2(d):
+        raise ValueError(f"indexer_scores_decode_triton: head dim D must be a power of two >= 16 (the cache is read "
+                         f"in place, unpadded), got {d}")
+    if block_s != next_pow2(block_s):
+        raise ValueError(f"indexer_scores_decode_triton: block_s must be a power of two >= 16, got {block_s}")
+    if _overflows_offsets(k_cache):
+        k_cache = jax.lax.dynamic_index_in_dim(k_cache, layer, keepdims=True)  # the copy the kernel avoids elsewhere
+        k_scale = None if k_scale is None else jax.lax.dynamic_index_in_dim(k_scale, layer, keepdims=True)
+        layer = 0
+        if _overflows_offsets(k_cache):
+            raise ValueError(f"indexer_scores_decode_triton: one fp8 layer of {k_cache.size / 2**30:.1f} GiB: 2-4 GiB "
+                             "1-byte operands overflow the Triton lowering's 32-bit offsets")
+    tp, hp, sp = next_pow2(t, 1), next_pow2(h), -(-s // block_s) * block_s
+    # q, w and k_len are small: padded here (padded queries get k_len 0, padded heads weight 0).
+    q = jnp.pad(q, ((0, 0), (0, tp - t), (0, hp - h), (0, 0)))
+    w = jnp.pad(w.astype(jnp.float32), ((0, 0), (0, tp - t), (0, hp - h)))
+    k_len = jnp.pad(jnp.clip(jnp.asarray(k_len, jnp.int32), 0, s), ((0, 0), (0, tp - t)))
+    layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
+    in_specs = [
+        pl.BlockSpec((1,), lambda i, j: (0,)),
+        pl.BlockSpec((None, tp), lambda i, j: (i, 0)),
+        pl.BlockSpec((None, tp, hp, d), lambda i, j: (i, 0, 0, 0)),
+        pl.BlockSpec((None, tp, hp), lambda i, j: (i, 0, 0)),
+        pl.no_block_spec,  # the whole stacked cache: the kernel loads (layer, b, block) itself
+    ]
+    args = [layer, k_len, q, w, k_cache]
+    if k_scale is not None:
+        in_specs.append(pl.no_block_spec)
+        args.append(k_scale.astype(jnp.float32))
+    return pl.pallas_call(
+        functools.partial(_scores_kernel, block_s=block_s, num_keys=s),
+        grid=(b, sp // block_s),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, tp, block_s), lambda i, j: (i, 0, j)),
+        out_shape=jax.ShapeDtypeStruct((b, tp, sp), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="indexer_scores_decode",
+    )(*args)
+
+
+def indexer_topk_decode_triton(q, k_cache, w, layer, k_len, *, topk, k_scale=None, interpret=False, **tiles):
+    """Same contract as `indexer_topk_decode_reference`: int32 [B, T, topk], -1 for empty slots, indices ascending."""
+    t = q.shape[1]
+    scores = indexer_scores_decode_triton(q, k_cache, w, layer, k_len, k_scale, interpret=interpret, **tiles)
+    # -inf scores (masked or padded keys) are never selected; -1 fills the slots past the valid keys.
+    return select_topk(scores[:, :t], topk)
