@@ -7,6 +7,8 @@ test_multiturn.py and test_rollout.py, the warm-up in test_rl_binary.py."""
 import json
 import os
 
+import pytest
+
 from deepseek_jax.rl import rewards
 from deepseek_jax.rl.envs import agent
 from experiments import rl
@@ -27,6 +29,7 @@ def _check_rows(rows):
         assert key in rows[1]
 
 
+@pytest.mark.slow
 def test_code_task_graded_in_the_sandbox(tmp_path, monkeypatch):
     graded = []
 
@@ -47,6 +50,7 @@ def test_code_task_graded_in_the_sandbox(tmp_path, monkeypatch):
     assert 0 <= summary["pass_at_1"] <= 1
 
 
+@pytest.mark.slow
 def test_agent_task_multi_turn_episodes(tmp_path, monkeypatch):
     verdicts = []
 
