@@ -274,14 +274,20 @@ def load_hf(path, *, dtype=None, mesh=None, rules=None, keep_fp8=False, progress
     params = jax.tree.map(lambda _: None, shapes)
 
     def place(leaf_path, tensors):
-        """tensors: [(index, host array)] for one leaf -> the leaf in its final sharding."""
+        """tensors: (index, host array) pairs of one leaf, consumed one at a time -> the leaf in its
+        final sharding. Each write is waited for before the next tensor is read, so at most one
+        host tensor is alive (dispatch is asynchronous: otherwise a slow device queues them all)."""
         shape, sharding = _get(shapes, leaf_path), _get(shardings, leaf_path)
-        if len(tensors) == 1 and not tensors[0][0]:  # a single tensor
-            value = jax.device_put(tensors[0][1], sharding)
-        else:  # a stack, filled in place one tensor at a time
-            value = jax.jit(lambda: jnp.zeros(shape.shape, shape.dtype), out_shardings=sharding)()
-            for index, host in tensors:
+        value = None
+        for index, host in tensors:
+            if not index:  # a single tensor: the whole leaf
+                value = jax.device_put(host, sharding)
+            else:  # a stack, filled in place one tensor at a time
+                if value is None:
+                    value = jax.jit(lambda: jnp.zeros(shape.shape, shape.dtype), out_shardings=sharding)()
                 value = _writer(sharding)(value, host, np.asarray(index, np.int32))
+            del host
+            value.block_until_ready()
         final = _get(final_shardings, leaf_path)
         _set(params, leaf_path, value if final == sharding else jax.device_put(value, final))
 
@@ -295,7 +301,7 @@ def load_hf(path, *, dtype=None, mesh=None, rules=None, keep_fp8=False, progress
             place(leaf_path, [(i, k) for i, (k, _) in pairs])
             place(_scale_path(leaf_path), [(i, sc) for i, (_, sc) in pairs])
         else:
-            place(leaf_path, [(e.index, _host_tensor(infos, e, tensor_shape, shape.dtype)) for e in entries])
+            place(leaf_path, ((e.index, _host_tensor(infos, e, tensor_shape, shape.dtype)) for e in entries))
     bar.close()
     return cfg, params
 
