@@ -74,7 +74,7 @@ def load_tokenizer_and_stream(config, workdir: str, cfg: ModelConfig):
             tokenizer = data.train_tokenizer(docs, cfg.vocab_size)
         if jax.process_index() == 0:
             tokenizer.save(saved)
-    return tokenizer, data.pack(tokenizer, docs)
+    return tokenizer, data.pack(tokenizer, docs, align=config.seq_len if config.data_per_window else 0)
 
 
 def _restore_params(path: str, target):

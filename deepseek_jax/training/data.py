@@ -128,17 +128,25 @@ def eos_id(tokenizer: Tokenizer) -> int:
     return eos
 
 
-def pack(tokenizer: Tokenizer, docs: list[Document]) -> tuple[np.ndarray, np.ndarray]:
+def pack(tokenizer: Tokenizer, docs: list[Document], align: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, trained): one int32 stream of every document's ids followed by EOS, and a 0/1
     stream of the same length marking the tokens the loss counts (an Example's prompt is 0).
-    An Example's prompt and completion are tokenized apart, so no token straddles the two."""
+    An Example's prompt and completion are tokenized apart, so no token straddles the two.
+    align > 0 (the window length, seq_len) pads each document with untrained EOS to a multiple
+    of it, so every window of PackedBatches starts at a document's first token and sees no other
+    document (as a single prompt is seen at inference); one more untrained EOS ends the stream, the
+    last window's last target."""
     eos = eos_id(tokenizer)
     prompts = [doc.prompt if isinstance(doc, Example) else "" for doc in docs]
     rest = [doc.completion if isinstance(doc, Example) else doc for doc in docs]
     tokens, trained = [], []
     for p, r in zip(*([e.ids for e in tokenizer.encode_batch(t, add_special_tokens=False)] for t in (prompts, rest))):
-        tokens.append(np.asarray(p + r + [eos], np.int32))
-        trained.append(np.repeat(np.asarray([0, 1], np.int32), [len(p), len(r) + 1]))
+        pad = -(len(p) + len(r) + 1) % align if align > 0 else 0
+        tokens.append(np.asarray(p + r + [eos] * (1 + pad), np.int32))
+        trained.append(np.repeat(np.asarray([0, 1, 0], np.int32), [len(p), len(r) + 1, pad]))
+    if align > 0:
+        tokens.append(np.asarray([eos], np.int32))
+        trained.append(np.zeros(1, np.int32))
     return np.concatenate(tokens), np.concatenate(trained)
 
 

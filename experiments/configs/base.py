@@ -38,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Data: comma-separated text/jsonl files or directories; empty = the embedded corpus
     c.data = ""
     c.data_max_bytes = 0          # stop reading the corpus after this many bytes (0: all)
+    c.data_per_window = False     # each document starts its own window (padded, untrained), none shares it
     c.tokenizer = ""              # a tokenizer.json; empty = train a byte-level BPE (saved in the workdir)
     # Sampling at the end of the run
     c.sample_prompt = "import os\n\n\ndef"  # no trailing space: byte-level BPE glues spaces to the next word

@@ -18,8 +18,11 @@ def get_config():
     c.model.dtype = "float32"  # faster on CPU; rl.py's own compute dtype applies after init_from
     c.data = "/tmp/deepseek_jax_math_corpus.jsonl"
     c.steps = 200
-    c.batch_size = 16
-    c.seq_len = 64
+    # One demonstration per window (at most 15 tokens; the rest untrained EOS), as GRPO's prompts
+    # are seen: packed several to a window, the policy learnt the training sums but not held-out ones.
+    c.data_per_window = True
+    c.batch_size = 64
+    c.seq_len = 16
     c.checkpoint_every = 50
     c.bias_update_rate = 1e-2  # a few hundred steps: see configs/tiny.py
     c.sample_prompt = BOS + "Q: 3+4 A:"

@@ -89,3 +89,17 @@ def test_prompt_completion_records_train_the_completion_only(tmp_path, corpus):
     assert batch["targets"][0, 0].tolist() == want_tokens[1:]
     with pytest.raises(ValueError, match="trained mask of shape"):
         data.PackedBatches(stream, seq_len=4, batch_size=1, trained=trained[:-1])
+
+    # align: every document (and its untrained EOS padding) fills whole windows, each starting at
+    # a document's first token; the trained tokens and their order are unchanged.
+    window = 16
+    aligned, aligned_trained = data.pack(tokenizer, docs, align=window)
+    assert len(aligned) == window * len(docs) + 1 and len(want_tokens) <= window * len(docs)
+    rows, row_trained = aligned[:-1].reshape(len(docs), window), aligned_trained[:-1].reshape(len(docs), window)
+    assert aligned[aligned_trained == 1].tolist() == stream[trained == 1].tolist()
+    for row, mask, doc in zip(rows, row_trained, docs):
+        first = doc.prompt if isinstance(doc, data.Example) else doc
+        assert row[0] == tokenizer.encode(first, add_special_tokens=False).ids[0]
+        assert np.all(row[mask.tolist().index(1) + mask.sum():] == 1) and mask[-1] == 0  # padding: EOS, untrained
+    batch = next(data.PackedBatches(aligned, seq_len=window, batch_size=len(docs), trained=aligned_trained))
+    assert sorted(map(tuple, batch["inputs"][0].tolist())) == sorted(map(tuple, rows.tolist()))
