@@ -11,7 +11,9 @@
   DeepSeek's BOS/EOS as ids 0 and 1 (the model's `bos_token_id` / `eos_token_id`).
 - Packing: documents joined into one stream, each followed by EOS, with a parallel 0/1 stream
   marking the tokens the loss counts (all but prompts); the stream is cut into windows of
-  seq_len + 1 tokens (inputs = window[:-1], targets = window[1:]), every token real.
+  seq_len + 1 tokens (inputs = window[:-1], targets = window[1:]). By default every token is
+  real and windows cross documents; `pack(align=seq_len)` instead pads each document with
+  untrained EOS so that each window starts at a document.
 - Iterator: windows in a fresh seeded permutation each epoch; its whole state is a small JSON
   dict (`state`), saved with each checkpoint, so a resumed run reads exactly the same batches.
 """
@@ -42,8 +44,13 @@ class Example:
 Document = str | Example
 
 
+def _parts(doc: Document) -> tuple[str, str]:
+    """(context, trained text): a plain text is all trained."""
+    return (doc.prompt, doc.completion) if isinstance(doc, Example) else ("", doc)
+
+
 def _text(doc: Document) -> str:
-    return doc.prompt + doc.completion if isinstance(doc, Example) else doc
+    return "".join(_parts(doc))
 
 
 def _record(record, where: str) -> Document:
@@ -88,9 +95,9 @@ def load_documents(paths: str = "", max_bytes: int = 0) -> list[Document]:
             else:
                 texts = [f.read()]
         for doc in texts:
-            if _text(doc):
+            if text := _text(doc):
                 docs.append(doc)
-                total += len(_text(doc).encode("utf-8"))
+                total += len(text.encode("utf-8"))
             if max_bytes > 0 and total >= max_bytes:
                 return docs
     if not docs:
@@ -137,8 +144,7 @@ def pack(tokenizer: Tokenizer, docs: list[Document], align: int = 0) -> tuple[np
     document (as a single prompt is seen at inference); one more untrained EOS ends the stream, the
     last window's last target."""
     eos = eos_id(tokenizer)
-    prompts = [doc.prompt if isinstance(doc, Example) else "" for doc in docs]
-    rest = [doc.completion if isinstance(doc, Example) else doc for doc in docs]
+    prompts, rest = map(list, zip(*map(_parts, docs)))
     tokens, trained = [], []
     for p, r in zip(*([e.ids for e in tokenizer.encode_batch(t, add_special_tokens=False)] for t in (prompts, rest))):
         pad = -(len(p) + len(r) + 1) % align if align > 0 else 0
