@@ -12,8 +12,9 @@ With a cache (`cached_mla_attention`, decode and speculative verification) the T
 attend, in absorbed mode, over the cached rows of their sequence up to their own position:
 sparse picks the indexer's top-k of the cached keys (`ops.indexer_topk_decode`, one call for the
 T queries on the stacked key cache; every key while a sequence holds at most index_topk of them,
-which equals dense); dense attends over every cached row (V3.1-style decode,
-for comparison).
+which equals dense) and attends over those rows (`ops.sparse_mla_decode`, which reads them from
+the stacked latent cache: no gathered copy of the rows, no copy of the layer); dense attends over
+every cached row (V3.1-style decode, for comparison).
 
 Legend: B batch, T queries, S keys, H heads, N nope dim, R rope dim, C latent rank, V v dim,
 K index top-k, D = C + R.
@@ -113,11 +114,7 @@ def cached_mla_attention(q_nope, q_rope, kv_b, index_q, index_w, group, layer, s
     index_k, index_k_scale = cache_lib.index_key_stack(group)
     indices = ops.indexer_topk_decode(index_q, index_k, index_w, layer, limit, k_scale=index_k_scale,
                                       topk=cfg.index_topk, impl=cfg.attention_impl)  # [B, T, K]
-    # Gather the selected rows out of the stacked cache (no copy of the layer), then attend over
-    # them: query t's rows sit at t·K .. t·K + K - 1 of the gathered block.
-    k = indices.shape[-1]
-    rows = cache_lib.gather_kv(group, layer, indices).reshape(q.shape[0], t * k, -1)
-    local = jnp.where(indices >= 0, jnp.arange(t, dtype=jnp.int32)[:, None] * k + jnp.arange(k, dtype=jnp.int32), -1)
-    o_latent = ops.sparse_mla(q, rows, local, scale=cfg.softmax_scale, v_dim=c,
-                              chunk_size=cfg.attention_chunk_size, impl=cfg.attention_impl)
+    # Attend over the selected rows; the kernels read them in place from this layer of the stacked cache.
+    o_latent = ops.sparse_mla_decode(q, group.kv, layer, indices, scale=cfg.softmax_scale, v_dim=c,
+                                     impl=cfg.attention_impl)
     return _expand_values(o_latent, kv_b, nope), indices

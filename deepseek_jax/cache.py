@@ -9,7 +9,8 @@ speculative decoding) to a `LayerCache` stacked over that group's layers:
   kv            [L, B, S, C + R]  compute dtype. Row s is [c_kv ; k_rope] of token s: the
                                   RMSNorm'd latent and the RoPE'd shared key, i.e. the 576-d
                                   absorbed-mode key whose first C dims are the value. One array,
-                                  so attention gathers rows without concatenating the cache.
+                                  so attention reads a selected row in place
+                                  (`ops.sparse_mla_decode`) without concatenating the cache.
   index_k       [L, B, S, I]      indexer keys (RoPE'd; Hadamard-rotated e4m3 with cfg.index_fp8)
   index_k_scale [L, B, S]         float32 per-token e4m3 scale (cfg.index_fp8), else None
 
@@ -19,7 +20,7 @@ in and out instead copies the whole cache every step (measured on CPU at S = 32K
 128 ms per step against 0.14 ms in place).
 
 Legend: L layers in a group, B batch, S max length, T new tokens, C kv latent rank, R rope dim,
-I indexer head dim, N selected rows per query.
+I indexer head dim.
 """
 
 from typing import NamedTuple
@@ -80,13 +81,6 @@ def write(group: LayerCache, layer, start, kv, index_k, index_k_scale) -> LayerC
     put = lambda cache, new: cache.at[layer, batch, rows].set(new.astype(cache.dtype), mode="promise_in_bounds")
     scale = None if group.index_k_scale is None else put(group.index_k_scale, index_k_scale)
     return LayerCache(kv=put(group.kv, kv), index_k=put(group.index_k, index_k), index_k_scale=scale)
-
-
-def gather_kv(group: LayerCache, layer, indices) -> jax.Array:
-    """Rows kv[layer, b, indices[b, t, n]] -> [B, T, N, C+R]; index -1 reads row 0 (mask it)."""
-    b = indices.shape[0]
-    batch = jnp.arange(b)[:, None, None]
-    return group.kv[layer, batch, jnp.maximum(indices, 0)]
 
 
 def layer_kv(group: LayerCache, layer) -> jax.Array:

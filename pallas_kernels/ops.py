@@ -1,4 +1,5 @@
-"""Public DSA entry points: `indexer_topk`, `indexer_topk_decode` and `sparse_mla` (their names and shapes are a contract).
+"""Public DSA entry points: `indexer_topk`, `indexer_topk_decode`, `sparse_mla` and `sparse_mla_decode` (their
+names and shapes are a contract).
 
 `impl` picks the implementation:
 - "reference": the pure-JAX reference;
@@ -17,6 +18,8 @@ that selected a row); indexer scores, with the top-k of each query chunk by
 stacked cache [L, B, S, D], `pallas_kernels/indexer/{triton,mosaic}_decode.py`). FP8 (e4m3)
 indexer inputs: the Triton kernels multiply them natively (fp32 accumulation); the Mosaic ones
 widen them to bf16 (exact: every e4m3 value is a bf16), the decode one in VMEM after the DMA.
+Decode attention (`sparse_mla_decode`: the selected rows of one layer read in place from the
+stacked cache [L, B, S, D], `pallas_kernels/sparse_mla/{triton,mosaic}_decode.py`): inference only.
 """
 
 import functools
@@ -34,8 +37,13 @@ from pallas_kernels.indexer.reference import (
     indexer_topk_reference,
 )
 from pallas_kernels.sparse_mla import mosaic as sparse_mla_mosaic
+from pallas_kernels.sparse_mla import mosaic_decode as sparse_mla_mosaic_decode
 from pallas_kernels.sparse_mla import triton as sparse_mla_triton
-from pallas_kernels.sparse_mla.reference import sparse_mla_reference
+from pallas_kernels.sparse_mla import triton_decode as sparse_mla_triton_decode
+from pallas_kernels.sparse_mla.reference import (
+    sparse_mla_decode_reference,
+    sparse_mla_reference,
+)
 
 _IMPLS = ("auto", "reference", "pallas", "triton", "mosaic")
 _SPARSE_MLA_KERNELS = {"triton": sparse_mla_triton, "mosaic": sparse_mla_mosaic}
@@ -196,3 +204,62 @@ def _sparse_mla_kernel_bwd(scale, v_dim, kernel, interpret, residuals, g):
 
 
 _sparse_mla_kernel.defvjp(_sparse_mla_kernel_fwd, _sparse_mla_kernel_bwd)
+
+
+def sparse_mla_decode(q, kv_cache, layer, indices, *, scale, v_dim=512, impl="auto", interpret=False):
+    """Decode attention over the selected rows of one layer of the stacked latent cache.
+
+    q [B, T, H, D] (the absorbed queries; T = 1 in decode, 1 + drafts in speculative verification),
+    kv_cache [L, B, S, D] (the model cache's `kv`, bf16 or float32), layer: int32 scalar (may be
+    traced; must lie in [0, L)), indices [B, T, K] int32 (-1 = unused; rows of kv_cache[layer, b])
+    -> [B, T, H, v_dim] in q's dtype: `sparse_mla` of q over kv_cache[layer] (softmax over the
+    selected rows only, in float32; a query with no selected row gives zeros). The kernels read the
+    rows in place from the cache (no gathered [B, T·K, D] copy, no copy of the layer); the
+    reference gathers them. `impl` and `interpret`: see the module docstring.
+
+    Inference only: differentiating the kernel path raises a ValueError (a bare pallas_call fails
+    under jax.grad with an empty AssertionError / NotImplementedError); the reference is
+    differentiable. The Mosaic kernel needs an even S for a bf16 cache (rows are DMA'd in pairs).
+    """
+    kernel, interpret = _kernel(impl, interpret)
+    if q.ndim != 4 or kv_cache.ndim != 4 or indices.ndim != 3:
+        raise ValueError(f"sparse_mla_decode: expected q [B,T,H,D], kv_cache [L,B,S,D], indices [B,T,K]; got {q.shape}, "
+                         f"{kv_cache.shape}, {indices.shape}")
+    if q.shape[-1] != kv_cache.shape[-1] or q.shape[:2] != indices.shape[:2] or q.shape[0] != kv_cache.shape[1]:
+        raise ValueError(f"sparse_mla_decode: shapes disagree: q {q.shape}, kv_cache {kv_cache.shape}, "
+                         f"indices {indices.shape}")
+    if not 0 < v_dim <= q.shape[-1]:
+        raise ValueError(f"sparse_mla_decode: v_dim: expected 0 < v_dim <= D = {q.shape[-1]}, got {v_dim}")
+    if kv_cache.dtype not in (jnp.bfloat16, jnp.float32):
+        raise ValueError(f"sparse_mla_decode: kv_cache dtype: expected bfloat16 or float32, got {kv_cache.dtype}")
+    if not jnp.issubdtype(indices.dtype, jnp.integer):
+        raise ValueError(f"sparse_mla_decode: indices: expected an integer dtype, got {indices.dtype}")
+    if jnp.ndim(layer) != 0:
+        raise ValueError(f"sparse_mla_decode: layer: expected a scalar, got shape {jnp.shape(layer)}")
+    if isinstance(layer, (int, np.integer)) and not 0 <= layer < kv_cache.shape[0]:
+        raise ValueError(f"sparse_mla_decode: layer: expected 0 <= layer < {kv_cache.shape[0]}, got {layer}")
+    layer, indices = jnp.asarray(layer, jnp.int32), indices.astype(jnp.int32)
+    if kernel is not None:
+        decode_fn = (sparse_mla_mosaic_decode.sparse_mla_decode_mosaic if kernel == "mosaic"
+                     else sparse_mla_triton_decode.sparse_mla_decode_triton)
+        return _inference_only(functools.partial(decode_fn, scale=scale, v_dim=v_dim, interpret=interpret),
+                               (q, kv_cache, layer, indices))
+    return sparse_mla_decode_reference(q, kv_cache, layer, indices, scale=scale, v_dim=v_dim)
+
+
+# The decode kernels have no backward: this custom_vjp turns jax.grad through them into a clear error.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _inference_only(fn, args):
+    return fn(*args)
+
+
+def _inference_only_fwd(fn, args):
+    return fn(*args), None
+
+
+def _inference_only_bwd(fn, residuals, g):
+    raise ValueError("sparse_mla_decode: the decode kernels are inference only (no gradient); differentiate "
+                     "impl='reference', or ops.sparse_mla on gathered rows")
+
+
+_inference_only.defvjp(_inference_only_fwd, _inference_only_bwd)

@@ -112,9 +112,10 @@ def _row_copies(idx_smem, block, block_k, copy, method):
     jax.lax.fori_loop(0, block_k, row, 0)
 
 
-def _gather(src, buf, sem, slot):
-    """Descriptor factory: HBM row i of src -> row r of buf[slot]."""
-    return lambda i, r: pltpu.make_async_copy(src.at[pl.ds(i, 1)], buf.at[slot, pl.ds(r, 1)], sem.at[slot])
+def _gather(src, buf, sem, slot, rows=1):
+    """Descriptor factory: HBM rows i .. i + rows - 1 of src -> rows r·rows .. r·rows + rows - 1 of buf[slot]."""
+    return lambda i, r: pltpu.make_async_copy(src.at[pl.ds(i, rows)], buf.at[slot, pl.ds(r * rows, rows)],
+                                              sem.at[slot])
 
 
 def _scatter(buf, dst, sem, slot):
@@ -127,20 +128,12 @@ def _used(idx_vmem, j, block_k):
     return idx_vmem[:, pl.ds(pl.multiple_of(j * block_k, block_k), block_k)] >= 0
 
 
-def _fwd_kernel(idx_smem, idx_vmem, q_ref, kv_hbm, o_ref, lse_ref, kv_buf, kv_sem, acc_ref, *, scale, v_dim,
-                block_k):
-    half = v_dim // 2
-    num_blocks = idx_vmem.shape[-1] // block_k
-    kv_rows = kv_hbm.at[pl.program_id(0)]
-    copies = lambda j, slot, method: _row_copies(idx_smem, j, block_k, _gather(kv_rows, kv_buf, kv_sem, slot), method)
-    kv_buf[...] = jnp.zeros(kv_buf.shape, kv_buf.dtype)
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-    q = q_ref[...]
-    q1, q2, qr = q[:, :half], q[:, half:v_dim], q[:, v_dim:]
+def _pipelined(copies, num_blocks, step, init):
+    """carry = step(j, slot, carry) for the gathered blocks j = 0 .. num_blocks - 1, double-buffered:
+    copies(j, slot, "start" | "wait") moves block j into buffer slot; block j + 1 is in flight while j is used."""
     copies(0, 0, "start")
 
     def body(j, carry):
-        m, l = carry
         slot = j % 2
 
         @pl.when(j + 1 < num_blocks)
@@ -148,24 +141,59 @@ def _fwd_kernel(idx_smem, idx_vmem, q_ref, kv_hbm, o_ref, lse_ref, kv_buf, kv_se
             copies(j + 1, 1 - slot, "start")
 
         copies(j, slot, "wait")
-        kn1, kn2, kr = _split_rows(kv_buf[slot], v_dim)
-        s = (_dot_nt(q1, kn1) + _dot_nt(q2, kn2) + _dot_nt(qr, kr)) * scale  # [H, block_k]
-        s = jnp.where(_used(idx_vmem, j, block_k), s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-        shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        p = jnp.exp(s - shift)
-        alpha = jnp.exp(m - shift)
-        pv = p.astype(kn1.dtype)
-        acc_ref[:, :half] = acc_ref[:, :half] * alpha + jnp.dot(pv, kn1, preferred_element_type=jnp.float32)
-        acc_ref[:, half:] = acc_ref[:, half:] * alpha + jnp.dot(pv, kn2, preferred_element_type=jnp.float32)
-        return m_new, l * alpha + jnp.sum(p, axis=1, keepdims=True)
+        return step(j, slot, carry)
 
-    heads = q.shape[0]
-    m, l = jax.lax.fori_loop(0, num_blocks, body, (jnp.full((heads, 1), -jnp.inf, jnp.float32),
-                                                   jnp.zeros((heads, 1), jnp.float32)))
-    safe_l = jnp.where(l > 0, l, 1.0)  # a query that selected nothing: zeros, lse = -inf
-    o_ref[...] = (acc_ref[...] / safe_l).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(l > 0, m + jnp.log(safe_l), -jnp.inf)
+    return jax.lax.fori_loop(0, num_blocks, body, init)
+
+
+def _attend_block(q_parts, k_parts, v_parts, used, carry, acc_ref, scale):
+    """One block of the online softmax (float32): scores Σ q_parts[i] · k_parts[i]ᵀ [H, N], -inf where
+    used [1, N] is False; acc_ref [H, V] is rescaled and gets p · v_parts (its columns in order).
+    carry (m, l) [H, 1] -> the new carry."""
+    m, l = carry
+    s = sum(_dot_nt(a, b) for a, b in zip(q_parts, k_parts)) * scale
+    s = jnp.where(used, s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+    shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp(s - shift)
+    alpha = jnp.exp(m - shift)
+    pv = p.astype(v_parts[0].dtype)
+    first = 0
+    for v in v_parts:
+        cols = slice(first, first + v.shape[1])
+        acc_ref[:, cols] = acc_ref[:, cols] * alpha + jnp.dot(pv, v, preferred_element_type=jnp.float32)
+        first += v.shape[1]
+    return m_new, l * alpha + jnp.sum(p, axis=1, keepdims=True)
+
+
+def _finish(acc_ref, m, l):
+    """(out [H, V], lse [H, 1]) float32 of the online softmax; a query that selected nothing: zeros, lse -inf."""
+    safe_l = jnp.where(l > 0, l, 1.0)
+    return acc_ref[...] / safe_l, jnp.where(l > 0, m + jnp.log(safe_l), -jnp.inf)
+
+
+def _softmax_init(heads):
+    return jnp.full((heads, 1), -jnp.inf, jnp.float32), jnp.zeros((heads, 1), jnp.float32)
+
+
+def _fwd_kernel(idx_smem, idx_vmem, q_ref, kv_hbm, o_ref, lse_ref, kv_buf, kv_sem, acc_ref, *, scale, v_dim,
+                block_k):
+    half = v_dim // 2
+    kv_rows = kv_hbm.at[pl.program_id(0)]
+    copies = lambda j, slot, method: _row_copies(idx_smem, j, block_k, _gather(kv_rows, kv_buf, kv_sem, slot), method)
+    kv_buf[...] = jnp.zeros(kv_buf.shape, kv_buf.dtype)
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+    q = q_ref[...]
+    q_parts = (q[:, :half], q[:, half:v_dim], q[:, v_dim:])
+
+    def step(j, slot, carry):
+        kn1, kn2, kr = _split_rows(kv_buf[slot], v_dim)
+        return _attend_block(q_parts, (kn1, kn2, kr), (kn1, kn2), _used(idx_vmem, j, block_k), carry, acc_ref, scale)
+
+    m, l = _pipelined(copies, idx_vmem.shape[-1] // block_k, step, _softmax_init(q.shape[0]))
+    out, lse = _finish(acc_ref, m, l)
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = lse
 
 
 def _interpret_params(interpret):

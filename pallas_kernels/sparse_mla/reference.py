@@ -5,7 +5,11 @@ over the selected rows only (idx = -1 slots are skipped). One shared KV row of D
 (latent 512 + RoPE 64) serves every head; the values are its first v_dim dims. Queries run in
 chunks, each gathering only its own [Tc, K, Dqk] rows: memory O(T·K), never [T, S].
 
-Shapes: B batch, T queries, S keys, H heads, D = Dqk, V = v_dim, K selected rows.
+Decode (`sparse_mla_decode_reference`): the same function on one layer of the stacked cache
+[L, B, S, Dqk]; the T·K selected rows are gathered out of the cache (not the whole layer) and
+attended by `sparse_mla_reference`.
+
+Shapes: L layers, B batch, T queries, S keys, H heads, D = Dqk, V = v_dim, K selected rows.
 """
 
 import jax
@@ -31,3 +35,16 @@ def sparse_mla_reference(q, kv, indices, *, scale, v_dim=512, chunk_size=256):
         return out.astype(dtype)
 
     return map_query_chunks(chunk, chunk_size, q, indices)
+
+
+def sparse_mla_decode_reference(q, kv_cache, layer, indices, *, scale, v_dim=512):
+    """`sparse_mla_reference` of q [B, T, H, D] over kv_cache[layer] ([L, B, S, D]) -> [B, T, H, v_dim].
+
+    Gathers the rows [B, T·K, D] (query t's at t·K .. t·K + K - 1; -1 reads row 0, masked) and
+    attends over them with local indices: O(T·K) rows, no copy of the layer.
+    """
+    b, t, k = indices.shape
+    batch = jnp.arange(b)[:, None, None]
+    rows = kv_cache[layer, batch, jnp.maximum(indices, 0)].reshape(b, t * k, -1)
+    local = jnp.where(indices >= 0, jnp.arange(t, dtype=jnp.int32)[:, None] * k + jnp.arange(k, dtype=jnp.int32), -1)
+    return sparse_mla_reference(q, rows, local, scale=scale, v_dim=v_dim)

@@ -33,17 +33,19 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.tiles import next_pow2
 
 
-def _kernel(idx_ref, qn_ref, qr_ref, kvn_ref, kvr_ref, o_ref, lse_ref, *, scale, block_k, num_k_blocks):
-    qn, qr = qn_ref[...], qr_ref[...]
+def attend_blocks(idx_ref, qn, qr, gather, *, scale, block_k, first_block, num_blocks):
+    """Online softmax of qn [Hb, V], qr [Hb, R] over index blocks first_block .. first_block + num_blocks - 1
+    of idx_ref (-1 = unused) -> (m, l, acc [Hb, V]) float32 (shared with the decode kernel).
+
+    gather(rows, used) -> (latent [block_k, V], rope [block_k, R]): the rows (unused slots read as row 0).
+    """
     block_h, v = qn.shape
 
     def body(i, carry):
         m, l, acc = carry
         idx = idx_ref[pl.ds(i * block_k, block_k)]
         used = idx >= 0
-        rows = jnp.where(used, idx, 0)
-        kn = kvn_ref[rows, :]  # [block_k, V] gathered rows
-        kr = kvr_ref[rows, :]  # [block_k, R]
+        kn, kr = gather(jnp.where(used, idx, 0), used)
         s = (jnp.dot(qn, kn.T, preferred_element_type=jnp.float32)
              + jnp.dot(qr, kr.T, preferred_element_type=jnp.float32))
         s = jnp.where(used[None, :], s * scale, -jnp.inf)
@@ -56,9 +58,21 @@ def _kernel(idx_ref, qn_ref, qr_ref, kvn_ref, kvr_ref, o_ref, lse_ref, *, scale,
 
     init = (jnp.full((block_h,), -jnp.inf, jnp.float32), jnp.zeros((block_h,), jnp.float32),
             jnp.zeros((block_h, v), jnp.float32))
-    m, l, acc = jax.lax.fori_loop(0, num_k_blocks, body, init)
-    o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+    return jax.lax.fori_loop(first_block, first_block + num_blocks, body, init)
+
+
+def normalize(m, l, acc):
+    """(out [Hb, V] float32, lse [Hb]) of an online softmax; a query that selected nothing: zeros, lse -inf."""
+    safe_l = jnp.where(l > 0, l, 1.0)
+    return acc / safe_l[:, None], jnp.where(l > 0, m + jnp.log(safe_l), -jnp.inf)
+
+
+def _kernel(idx_ref, qn_ref, qr_ref, kvn_ref, kvr_ref, o_ref, lse_ref, *, scale, block_k, num_k_blocks):
+    gather = lambda rows, used: (kvn_ref[rows, :], kvr_ref[rows, :])
+    out, lse = normalize(*attend_blocks(idx_ref, qn_ref[...], qr_ref[...], gather, scale=scale, block_k=block_k,
+                                        first_block=0, num_blocks=num_k_blocks))
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = lse
 
 
 def _layout(q, kv, indices, v_dim, block_h, block_k):

@@ -1,0 +1,126 @@
+"""Decode sparse MLA attention as a Pallas kernel with the Mosaic lowering (TPU), DMA-gathering the selected
+rows straight from the stacked cache.
+
+Same function as `pallas_kernels/sparse_mla/reference.py::sparse_mla_decode_reference` (spec §2-§3,
+absorbed MQA mode) for the decode shape: T queries per sequence (1, or 1 + drafts), each over its
+own K selected rows of one layer of the cache [L, B, S, Dqk]. One program per (sequence, query)
+takes all H heads (they share every row), as the prefill kernel `mosaic.py` does, and reuses its
+machinery: per-row DMAs (`_row_copies`, `_gather`) into a double-buffered VMEM block of block_k
+selected rows (`_pipelined`), the online softmax step (`_attend_block`), the final normalisation.
+
+TPU-specific choices (why):
+- `layer` is scalar-prefetched (SMEM) and the cache stays in HBM (`memory_space=pl.ANY`): the DMAs
+  read rows of kv_cache[layer, b] in place, so XLA neither gathers the rows into a [B, T·K, D]
+  array nor slices the layer out. `layer` may be traced (the model scans over layers).
+- The indices are not scalar-prefetched whole: [B, T, K] int32 is 512 KiB at B = 64, T = 1,
+  K = 2048 and 1 MiB at T = 2, the size of SMEM. Each query's index row arrives as an SMEM block
+  (pipelined by Pallas), as in the prefill kernel.
+- bf16 rows are DMA'd in aligned pairs. A TPU bf16 tile packs rows 2j and 2j + 1 into one 32-bit
+  sublane word, so a one-row DMA would write half words; the prefill kernel avoids that by packing
+  its kv into int32 first, a copy of the whole cache here. Instead row i comes with its partner
+  (rows i - i % 2 and i - i % 2 + 1, one whole sublane, the same HBM bytes as row i alone in the
+  packed layout), into rows 2r, 2r + 1 of the buffer, and the partner is masked out of the softmax
+  by a [1, 2·K] slot mask built in XLA from the indices. The matmuls run over both rows of each
+  pair (2x the MXU work; per-row DMA issue, not the MXU, is the expected bottleneck, see
+  mosaic.py). The partner is a real cache row (finite), so p = 0 times it adds nothing. float32
+  rows are one sublane each and are DMA'd alone. A bf16 cache needs an even S (a pair never
+  reaches past the cache): generate.py sizes caches in multiples of 64.
+- q [H, D] and the output [H, V] are whole blocks per query; q is split at V (lane-aligned at 512)
+  into the latent and RoPE parts of the score matmuls.
+
+Not measured on a TPU (none here); run under `pltpu.InterpretParams` in the tests (DMAs and
+semaphores simulated) and lowered for TPU by `jax.export` (Pallas's checks only).
+
+Shapes: L layers, B batch, T queries, S cache rows, H heads, D = Dqk, V = v_dim, K selected rows, G rows
+per DMA (2 for bf16, 1 for float32).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.sparse_mla.mosaic import (
+    _attend_block,
+    _block_k,
+    _finish,
+    _gather,
+    _interpret_params,
+    _pipelined,
+    _row_copies,
+    _softmax_init,
+    _used,
+)
+
+
+def _decode_kernel(layer_ref, starts_smem, slots_vmem, q_ref, kv_hbm, o_ref, kv_buf, kv_sem, acc_ref, *, scale,
+                   v_dim, block_k, group):
+    kv_rows = kv_hbm.at[layer_ref[0], pl.program_id(0)]
+    copies = lambda j, slot, method: _row_copies(starts_smem, j, block_k,
+                                                 _gather(kv_rows, kv_buf, kv_sem, slot, group), method)
+    kv_buf[...] = jnp.zeros(kv_buf.shape, kv_buf.dtype)  # slots no DMA fills hold zeros, never NaN
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+    q = q_ref[...]
+    q_parts = (q[:, :v_dim], q[:, v_dim:])
+
+    def step(j, slot, carry):
+        rows = kv_buf[slot]  # [G·block_k, D]: the selected rows (and their pair partners)
+        used = _used(slots_vmem, j, group * block_k)
+        return _attend_block(q_parts, (rows[:, :v_dim], rows[:, v_dim:]), (rows[:, :v_dim],), used, carry, acc_ref,
+                             scale)
+
+    m, l = _pipelined(copies, starts_smem.shape[-1] // block_k, step, _softmax_init(q.shape[0]))
+    o_ref[...] = _finish(acc_ref, m, l)[0].astype(o_ref.dtype)
+
+
+def _slots(indices, kp, group):
+    """(DMA start rows [B, T, 1, Kp], slot mask [B, T, 1, G·Kp]): index i is DMA'd from row i - i % G;
+    buffer row G·r + p holds row start + p, used (>= 0) iff it is the selected one. -1 = unused."""
+    idx = jnp.pad(indices.astype(jnp.int32), ((0, 0), (0, 0), (0, kp - indices.shape[-1])), constant_values=-1)
+    starts = jnp.where(idx >= 0, idx - idx % group, -1)
+    which = jnp.arange(group, dtype=jnp.int32)
+    slots = jnp.where((idx[..., None] >= 0) & (idx[..., None] % group == which), idx[..., None], -1)
+    return starts[:, :, None, :], slots.reshape(idx.shape[:2] + (1, group * kp))
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "v_dim", "block_k", "interpret"))
+def sparse_mla_decode_mosaic(q, kv_cache, layer, indices, *, scale, v_dim=512, block_k=128, interpret=False):
+    """Same contract as `sparse_mla_decode_reference`: q [B, T, H, D], kv_cache [L, B, S, D] (bf16 or float32,
+    read in place; S even for bf16), layer int32 scalar (may be traced), indices [B, T, K] -> [B, T, H, v_dim]
+    in q's dtype. block_k: selected rows per gathered block (a multiple of 128 when K spans several)."""
+    b, t, h, d = q.shape
+    s = kv_cache.shape[2]
+    if kv_cache.dtype not in (jnp.bfloat16, jnp.float32):
+        raise ValueError(f"sparse_mla_decode_mosaic: kv_cache dtype must be bfloat16 or float32, got {kv_cache.dtype}")
+    group = 4 // kv_cache.dtype.itemsize
+    if s % group:
+        raise ValueError(f"sparse_mla_decode_mosaic: a bf16 cache is read in row pairs: S must be even, got {s}")
+    if block_k <= 0:
+        raise ValueError(f"sparse_mla_decode_mosaic: block_k must be positive, got {block_k}")
+    block_k = _block_k(block_k, indices.shape[-1])
+    kp = -(-indices.shape[-1] // block_k) * block_k
+    starts, slots = _slots(indices, kp, group)
+    kernel = functools.partial(_decode_kernel, scale=scale, v_dim=v_dim, block_k=block_k, group=group)
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1,
+        grid=(b, t),
+        in_specs=[
+            pl.BlockSpec((None, None, 1, kp), lambda b_, t_, _: (b_, t_, 0, 0), memory_space=pltpu.SMEM),
+            pl.BlockSpec((None, None, 1, group * kp), lambda b_, t_, _: (b_, t_, 0, 0)),
+            pl.BlockSpec((None, None, h, d), lambda b_, t_, _: (b_, t_, 0, 0)),
+            pl.BlockSpec(memory_space=pl.ANY),  # the whole stacked cache: the kernel DMAs rows of (layer, b)
+        ],
+        out_specs=pl.BlockSpec((None, None, h, v_dim), lambda b_, t_, _: (b_, t_, 0, 0)),
+        scratch_shapes=[pltpu.VMEM((2, group * block_k, d), kv_cache.dtype), pltpu.SemaphoreType.DMA((2,)),
+                        pltpu.VMEM((h, v_dim), jnp.float32)],
+    )
+    return pl.pallas_call(
+        kernel,
+        grid_spec=grid_spec,
+        out_shape=jax.ShapeDtypeStruct((b, t, h, v_dim), q.dtype),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+        interpret=_interpret_params(interpret),
+        name="sparse_mla_decode",
+    )(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)), starts, slots, q, kv_cache)
