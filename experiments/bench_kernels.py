@@ -30,6 +30,14 @@ L=2 stacked cache): each --decode_configs tile (block_s:num_warps) in bf16, the 
 fp8, its scores kernel alone, and in the same run the old path on the sliced layer (the XLA
 reference; the prefill kernel once per query). GB/s counts the layer's key (+ scale) bytes,
 read once: the target is >= 70 % of --peak_gbs (perf_targets.md); see `_decode`.
+Decode sparse MLA attention in the same --parts=decode run (`ops.sparse_mla_decode`'s Triton
+kernel reading the selected rows from the stacked latent cache [L, B, S, 576], bf16; B=64, S=128K,
+T=1, H=128, k=2048 unique rows per query, the last layer of L=2): each --decode_mla_configs tile
+(block_h:block_k:num_warps:num_splits), checked against the XLA reference on the device, against
+the old path (an XLA gather of the rows into [B, T·k, 576], then the prefill Triton kernel
+`sparse_mla_fwd`) and the XLA reference (`sparse_mla_decode_reference`). GB/s and the
+"hbm_roofline" fraction count the bytes that must be read: B·T·k·576·2 (rows) + q + out; see
+`_decode_attention`.
 Before timing, the kernel is checked against the reference on the device (max abs error; index
 set agreement for the indexers, printed after the sweep for the decode one).
 Times are medians of --repeats runs after a warm-up; on shared machines prefer ratios.
@@ -54,8 +62,12 @@ from pallas_kernels.indexer.triton_decode import (
     indexer_scores_decode_triton,
     indexer_topk_decode_triton,
 )
-from pallas_kernels.sparse_mla.reference import sparse_mla_reference
+from pallas_kernels.sparse_mla.reference import (
+    sparse_mla_decode_reference,
+    sparse_mla_reference,
+)
 from pallas_kernels.sparse_mla.triton import sparse_mla_bwd, sparse_mla_fwd
+from pallas_kernels.sparse_mla.triton_decode import sparse_mla_decode_triton
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["4096", "16384", "65536"], "query (= key) lengths T")
 _TOPK = flags.DEFINE_integer("topk", 2048, "selected rows per query")
@@ -91,6 +103,8 @@ _DECODE_QUERIES = flags.DEFINE_integer("decode_queries", 1, "decode: queries per
 _DECODE_LAYERS = flags.DEFINE_integer("decode_layers", 2, "decode: layers L of the stacked cache (the last is read)")
 _DECODE_CONFIGS = flags.DEFINE_list("decode_configs", ["128:4", "256:4", "256:8", "64:4"],
                                     "decode kernel tiles block_s:num_warps, ...")
+_DECODE_MLA_CONFIGS = flags.DEFINE_list("decode_mla_configs", ["64:32:8:1", "64:64:8:1", "32:64:4:1", "64:32:8:2"],
+                                        "decode sparse MLA tiles block_h:block_k:num_warps:num_splits, ...")
 
 
 def _time(fn, *args):
@@ -284,6 +298,66 @@ def _decode():
     return rows
 
 
+def _decode_attention(scale, v):
+    """Decode sparse MLA rows: the kernel on the last layer of a stacked latent cache [L, B, S, D], against the old path.
+
+    Each query selects k unique rows, one drawn at random from each of k equal strata of [0, S)
+    (all valid). Bytes = B·T·k·D·2 (the rows, each read once) + q (B·T·H·D·2) + out (B·T·H·V·2);
+    FLOPs = 2·B·T·k·H·(D + V) (FlashMLA's count). Baselines: the old path (`cache.gather_kv`'s XLA
+    gather into [B, T·k, D], then `sparse_mla_fwd`, the prefill Triton kernel, over local indices:
+    what cached_mla_attention ran before `ops.sparse_mla_decode`) and the XLA reference. Before
+    timing, each tile's output is compared with the reference's on the device (max abs error; bf16).
+    """
+    b, s, t, n_layers = _DECODE_BATCH.value, _DECODE_LEN.value, _DECODE_QUERIES.value, _DECODE_LAYERS.value
+    h, d, k = _HEADS.value, _V_DIM.value + _ROPE_DIM.value, _TOPK.value
+    if s < k:
+        raise SystemExit(f"--decode_len ({s}) must be >= --topk ({k}): every query selects k distinct rows")
+    kq, kkv, ki = jax.random.split(jax.random.PRNGKey(6), 3)
+    layer = jnp.int32(n_layers - 1)
+    q = jax.random.normal(kq, (b, t, h, d), jnp.bfloat16)
+    cache = jax.random.normal(kkv, (n_layers, b, s, d), jnp.bfloat16)
+    width = s // k
+    idx = (jnp.arange(k, dtype=jnp.int32) * width + (jax.random.uniform(ki, (b, t, k)) * width).astype(jnp.int32))
+    args = (q, cache, layer, idx)
+    flops = 2 * b * t * k * h * (d + v)
+    nbytes = b * t * k * d * 2 + b * t * h * (d + v) * 2
+    label = f"B{b} T{t} H{h} k{k}"
+
+    def row(name, seconds):
+        out = _row(f"{name} {label}", s, seconds, flops, nbytes)
+        out["hbm_roofline"] = out["gbs"] / _PEAK_GBS.value
+        return out
+
+    def kernel_fn(cfg):
+        bh, bk, nw, ns = map(int, cfg.split(":"))
+        return jax.jit(lambda q, kv, layer, idx: sparse_mla_decode_triton(
+            q, kv, layer, idx, scale=scale, v_dim=v, block_h=bh, block_k=bk, num_warps=nw, num_splits=ns,
+            interpret=_INTERPRET.value))
+
+    reference = jax.jit(lambda q, kv, layer, idx: sparse_mla_decode_reference(q, kv, layer, idx, scale=scale, v_dim=v))
+
+    @jax.jit
+    def old_path(q, kv, layer, idx):
+        rows = kv[layer, jnp.arange(b)[:, None, None], idx].reshape(b, t * k, d)
+        local = jnp.arange(t, dtype=jnp.int32)[:, None] * k + jnp.arange(k, dtype=jnp.int32)
+        return sparse_mla_fwd(q, rows, jnp.broadcast_to(local, (b, t, k)), scale=scale, v_dim=v,
+                              interpret=_INTERPRET.value)[0]
+
+    want = reference(*args).astype(jnp.float32)
+    rows, errors = [], {}
+    for cfg in _DECODE_MLA_CONFIGS.value:
+        try:
+            fn = kernel_fn(cfg)
+            errors[cfg] = float(jnp.max(jnp.abs(fn(*args).astype(jnp.float32) - want)))
+            rows.append(row(f"decode sparse_mla pallas [{cfg}]", _time(fn, *args)))
+        except Exception as e:  # noqa: BLE001 (a tile config Triton cannot compile: any error)
+            print(f"decode sparse_mla config {cfg}: failed ({type(e).__name__}: {str(e)[:200]})", flush=True)
+    print(f"decode sparse_mla max abs error vs the XLA reference (bf16) per config: {errors}", flush=True)
+    rows.append(row("decode sparse_mla old: gather + prefill kernel", _time(old_path, *args)))
+    rows.append(row("decode sparse_mla xla reference", _time(reference, *args)))
+    return rows
+
+
 def _backward(scale, v):
     """Checks the backward kernel against the reference VJP on the device, then times it."""
     rows = []
@@ -395,6 +469,7 @@ def main(argv):
     rows, best_fwd_ms, best, check = [], {}, None, {}
     if "decode" in parts:
         rows += _decode()
+        rows += _decode_attention(scale, v)
     if "sparse_mla" in parts:
         fwd_rows, best_fwd_ms, best, check = _sparse_mla_forward(scale, v)
         rows += fwd_rows

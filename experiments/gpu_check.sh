@@ -35,7 +35,8 @@ if [[ $PART == all || $PART == model ]]; then
 fi
 
 if [[ $PART == all || $PART == kernels ]]; then
-  echo "== decode indexer (B=64, S=128K, T=1) on the stacked cache vs the old path (layer slice) =="
+  echo "== decode indexer (B=64, S=128K, T=1) on the stacked cache vs the old path (layer slice);" \
+    "decode sparse MLA (H=128, k=2048) on the stacked cache vs the old path (XLA gather + prefill kernel) =="
   timeout 120 python3 -m experiments.bench_kernels --parts=decode --out="$OUT/bench_kernels_decode.json" \
     2>&1 | quiet | tee "$OUT/bench_kernels_decode.log"
   echo "== DSA kernels: check on the device, then time against the XLA reference and cuDNN dense =="
