@@ -151,7 +151,7 @@ def _attend_block(q_parts, k_parts, v_parts, used, carry, acc_ref, scale):
     used [1, N] is False; acc_ref [H, V] is rescaled and gets p · v_parts (its columns in order).
     carry (m, l) [H, 1] -> the new carry."""
     m, l = carry
-    s = sum(_dot_nt(a, b) for a, b in zip(q_parts, k_parts)) * scale
+    s = functools.reduce(jnp.add, (_dot_nt(a, b) for a, b in zip(q_parts, k_parts))) * scale
     s = jnp.where(used, s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
     shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
