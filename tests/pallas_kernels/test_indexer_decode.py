@@ -121,8 +121,8 @@ def test_bad_input_raises(args, match):
 
 def test_model_cached_step_with_the_kernels():
     """A cached step of T = 2 tokens (speculative verification's shape) through the model's layer scan,
-    attention_impl="pallas" (the kernels, interpreted, with a traced layer) vs "reference": the same
-    selections (as sets) and logits."""
+    attention_impl="pallas" (the kernels, interpreted, with a traced layer: this decode indexer and
+    `ops.sparse_mla_decode`) vs "reference": the same selections (as sets) and logits."""
     cfg = ModelConfig.preset("tiny", index_topk=8, attention_chunk_size=8, attention_impl="reference")
     params = random_params(cfg)
     rng = np.random.default_rng(5)
