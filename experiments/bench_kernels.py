@@ -1,7 +1,7 @@
 """Microbenchmarks of the DSA kernels against their baselines, measured in the same run.
 
     python -m experiments.bench_kernels [--seq_lens=4096,16384,65536] [--topk=2048] [--out=bench_kernels.json]
-        [--parts=decode,sparse_mla,indexer,backward]
+        [--parts=decode,decode_mla,sparse_mla,indexer,backward]
 
 sparse_mla forward (V3.2 shapes: H=128 heads, Dqk=576, Dv=512, k=2048, one KV row per token):
   - the Pallas kernel (Triton lowering), each --configs tile config (block_h:block_k:num_warps:num_stages) at --sweep_len, then the
@@ -30,7 +30,7 @@ L=2 stacked cache): each --decode_configs tile (block_s:num_warps) in bf16, the 
 fp8, its scores kernel alone, and in the same run the old path on the sliced layer (the XLA
 reference; the prefill kernel once per query). GB/s counts the layer's key (+ scale) bytes,
 read once: the target is >= 70 % of --peak_gbs (perf_targets.md); see `_decode`.
-Decode sparse MLA attention in the same --parts=decode run (`ops.sparse_mla_decode`'s Triton
+Decode sparse MLA attention (--parts=decode_mla: `ops.sparse_mla_decode`'s Triton
 kernel reading the selected rows from the stacked latent cache [L, B, S, 576], bf16; B=64, S=128K,
 T=1, H=128, k=2048 unique rows per query, the last layer of L=2): each --decode_mla_configs tile
 (block_h:block_k:num_warps:num_splits), checked against the XLA reference on the device, against
@@ -95,7 +95,7 @@ _INDEX_CONFIGS = flags.DEFINE_list("index_configs", ["4:64:8:2", "8:64:8:2", "4:
                                    "indexer tiles block_t:block_s:num_warps:num_stages, ...")
 _INDEX_CHUNK = flags.DEFINE_integer("index_chunk", 512, "queries per indexer chunk (indexer_topk_triton's default)")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "run the kernel in Pallas interpret mode (CPU smoke runs)")
-_PART_NAMES = ("decode", "sparse_mla", "indexer", "backward")
+_PART_NAMES = ("decode", "decode_mla", "sparse_mla", "indexer", "backward")
 _PARTS = flags.DEFINE_list("parts", list(_PART_NAMES), f"which benchmarks to run, in this order: {_PART_NAMES}")
 _DECODE_BATCH = flags.DEFINE_integer("decode_batch", 64, "decode: sequences B")
 _DECODE_LEN = flags.DEFINE_integer("decode_len", 131072, "decode: cached keys per sequence S (all valid)")
@@ -469,6 +469,7 @@ def main(argv):
     rows, best_fwd_ms, best, check = [], {}, None, {}
     if "decode" in parts:
         rows += _decode()
+    if "decode_mla" in parts:
         rows += _decode_attention(scale, v)
     if "sparse_mla" in parts:
         fwd_rows, best_fwd_ms, best, check = _sparse_mla_forward(scale, v)

@@ -2,10 +2,10 @@
 # One GPU check, run from the repo root on a machine with JAX (CUDA), flax, optax: installs
 # nothing. Correctness first, then timing. Results land in ${OUT:-/tmp/gpu_check}.
 #   bash experiments/gpu_check.sh            everything (about 8 minutes on an H200 before the decode rows;
-#                                            those are capped at 2 more and not yet timed)
+#                                            those are capped at 2 + 2 more and not yet timed)
 #   bash experiments/gpu_check.sh model      model correctness (GPU vs the CPU oracle) + bench_attention
 #   bash experiments/gpu_check.sh kernels    DSA kernels: device check vs the reference, then bench_kernels
-#                                            (decode indexer first, in its own run, then prefill and backward)
+#                                            (decode indexer, then decode attention, each in its own run, then prefill and backward)
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 PART=${1:-all}
@@ -35,10 +35,12 @@ if [[ $PART == all || $PART == model ]]; then
 fi
 
 if [[ $PART == all || $PART == kernels ]]; then
-  echo "== decode indexer (B=64, S=128K, T=1) on the stacked cache vs the old path (layer slice);" \
-    "decode sparse MLA (H=128, k=2048) on the stacked cache vs the old path (XLA gather + prefill kernel) =="
+  echo "== decode indexer (B=64, S=128K, T=1) on the stacked cache vs the old path (layer slice) =="
   timeout 120 python3 -m experiments.bench_kernels --parts=decode --out="$OUT/bench_kernels_decode.json" \
     2>&1 | quiet | tee "$OUT/bench_kernels_decode.log"
+  echo "== decode sparse MLA (H=128, k=2048) on the stacked cache vs the old path (XLA gather + prefill kernel) =="
+  timeout 120 python3 -m experiments.bench_kernels --parts=decode_mla --out="$OUT/bench_kernels_decode_mla.json" \
+    2>&1 | quiet | tee "$OUT/bench_kernels_decode_mla.log"
   echo "== DSA kernels: check on the device, then time against the XLA reference and cuDNN dense =="
   timeout 270 python3 -m experiments.bench_kernels --parts=sparse_mla,indexer,backward --seq_lens=4096,16384,65536 \
     --out="$OUT/bench_kernels.json" 2>&1 | quiet | tee "$OUT/bench_kernels.log"
