@@ -89,16 +89,15 @@ def accumulated_grads(params, batch, *, cfg, lc: LossConfig):
         total, (parts, load) = loss_fn(p, mb["inputs"], mb["targets"], mb["mask"], cfg=cfg, lc=lc)
         return total * share, (jax.tree.map(lambda x: x * share, parts), load)
 
-    def micro(carry, mb):
+    def micro(grads, mb):
         share = jnp.sum(mb["mask"].astype(jnp.float32)) / total_tokens
-        (_, (parts, load)), grads = jax.value_and_grad(micro_loss, has_aux=True)(params, mb, share)
-        return jax.tree.map(jnp.add, carry, (grads, parts, load)), None
+        (_, (parts, load)), micro_grads = jax.value_and_grad(micro_loss, has_aux=True)(params, mb, share)
+        return jax.tree.map(jnp.add, grads, micro_grads), (parts, load)
 
-    first = jax.tree.map(lambda x: x[0], batch)
-    _, (parts_shape, load_shape) = jax.eval_shape(lambda: micro_loss(params, first, 1.0))
-    zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
-    init = (jax.tree.map(jnp.zeros_like, params), zeros(parts_shape), zeros(load_shape))
-    (grads, parts, load), _ = jax.lax.scan(micro, init, batch)
+    # Parts and loads come out per micro-batch (tiny) and are summed after the scan: no separate
+    # trace of the model to learn their shapes for a carry.
+    grads, (parts, load) = jax.lax.scan(micro, jax.tree.map(jnp.zeros_like, params), batch)
+    parts, load = jax.tree.map(lambda x: jnp.sum(x, axis=0), (parts, load))
     return grads, parts, load
 
 
