@@ -9,6 +9,13 @@ chunk's top-k with `pallas_kernels.topk.select_topk` (radix select, no sort; the
 `lax.top_k`, lowest index first on ties, listed by ascending index), so memory is
 O(chunk_size · S), never [T, S]. Reference: `pallas_kernels/indexer/reference.py`.
 
+JAX's Triton lowering addresses an operand with 32-bit signed element offsets unless it exceeds
+4 GiB, which a 1-byte (fp8) operand of 2^31-2^32 elements overflows (`pallas_kernels/tiles.py`):
+an fp8 k [B, S, D] of 2-4 GiB (B = 192, S = 128K, D = 128) or a query chunk [B, chunk_size, H, D]
+(B > 512 at 512 x 64 x 128). There `indexer_topk_triton` runs the batch in groups of rows whose
+operands stay within 2^31 elements (each group's k a copy, one group at a time); a single row in
+that range (S·D > 2^31) is refused with a ValueError.
+
 Measured on an H200 (V3.2: 64 heads x 128, k=2048, bf16) with `lax.top_k` per chunk: 3.1 / 47
 / 697 ms at T = 4K / 16K / 64K, 4.7x / 3.1x faster than the XLA reference up to 16K; a later
 run took 509 ms at 64K, most of it in the sort-based `lax.top_k` (2.7 ms per [512, 64K] chunk).
@@ -26,9 +33,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.chunking import map_query_chunks
-from pallas_kernels.tiles import next_pow2
+from pallas_kernels.chunking import map_chunks, map_query_chunks
+from pallas_kernels.tiles import next_pow2, rows_per_call
 from pallas_kernels.topk import select_topk
+
+BLOCK_T, BLOCK_S = 4, 128  # default tiles: queries x keys per program
 
 
 def _scores_kernel(pos_ref, q_ref, w_ref, k_ref, ks_ref, klen_ref, o_ref, *, block_s, q_offset):
@@ -50,13 +59,27 @@ def _scores_kernel(pos_ref, q_ref, w_ref, k_ref, ks_ref, klen_ref, o_ref, *, blo
         o_ref[...] = jnp.full((block_t, block_s), -jnp.inf, jnp.float32)
 
 
-def indexer_scores_triton(q, k, w, k_scale, k_len, positions, *, q_offset=0, block_t=4, block_s=128,
+def _padded_dims(tc, s, h, d, block_t, block_s):
+    """(Tp, Sp, Hp, Dp): the kernel's query-chunk, key, head and head-dim sizes after padding."""
+    return -(-tc // block_t) * block_t, -(-s // block_s) * block_s, next_pow2(h), next_pow2(d)
+
+
+def _row_operands(q, k, tc, block_t, block_s):
+    """One batch row of each kernel operand that may be 1-byte (a query chunk of tc, the keys), padded."""
+    tp, sp, hp, dp = _padded_dims(tc, k.shape[1], q.shape[2], q.shape[3], block_t, block_s)
+    return {"the query chunk q [Tp, Hp, Dp]": ((tp, hp, dp), q.dtype), "the keys k [Sp, Dp]": ((sp, dp), k.dtype)}
+
+
+def indexer_scores_triton(q, k, w, k_scale, k_len, positions, *, q_offset=0, block_t=BLOCK_T, block_s=BLOCK_S,
                           num_warps=8, num_stages=2, interpret=False):
     """Scores [B, Tc, S] (float32, -inf where masked) of queries at `positions` [Tc]."""
     b, tc, h, d = q.shape
     s = k.shape[1]
-    hp, dp = next_pow2(h), next_pow2(d)
-    tp, sp = -(-tc // block_t) * block_t, -(-s // block_s) * block_s
+    if rows_per_call(b, _row_operands(q, k, tc, block_t, block_s), "indexer_scores_triton") < b:
+        raise ValueError(f"indexer_scores_triton: q {q.shape} / k {k.shape} of {q.dtype} / {k.dtype}: a 1-byte operand "
+                         "of 2^31-2^32 elements overflows the Triton lowering's 32-bit offsets; pass fewer batch rows "
+                         "(indexer_topk_triton splits the batch)")
+    tp, sp, hp, dp = _padded_dims(tc, s, h, d, block_t, block_s)
     q = jnp.pad(q, ((0, 0), (0, tp - tc), (0, hp - h), (0, dp - d)))
     w = jnp.pad(w.astype(jnp.float32), ((0, 0), (0, tp - tc), (0, hp - h)))
     k = jnp.pad(k, ((0, 0), (0, sp - s), (0, dp - d)))
@@ -84,15 +107,23 @@ def indexer_scores_triton(q, k, w, k_scale, k_len, positions, *, q_offset=0, blo
 
 
 def indexer_topk_triton(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, chunk_size=512, interpret=False,
-                        **tiles):
+                        block_t=BLOCK_T, block_s=BLOCK_S, **tiles):
     """Same contract as `indexer_topk_reference` (int32 [B, T, topk], -1 for empty slots), indices ascending."""
-    b, s = k.shape[0], k.shape[1]
+    b, t = q.shape[:2]
+    s = k.shape[1]
     k_len = jnp.full((b,), s, jnp.int32) if k_len is None else jnp.minimum(jnp.asarray(k_len, jnp.int32), s)
     k_scale = jnp.ones((b, s), jnp.float32) if k_scale is None else k_scale
+    # All B rows per kernel call unless an fp8 operand of 2-4 GiB would be mis-addressed (module docstring).
+    group = rows_per_call(b, _row_operands(q, k, min(chunk_size, t), block_t, block_s), "indexer_topk_triton")
 
-    def chunk(positions, q_c, w_c):
-        scores = indexer_scores_triton(q_c, k, w_c, k_scale, k_len, positions, q_offset=q_offset,
-                                       interpret=interpret, **tiles)
-        return select_topk(scores, topk)  # masked scores are -inf: never selected, -1 past the valid keys
+    def batch_rows(rows, k, k_scale, k_len):  # rows [G]: the batch rows of this group, k... sliced to them
+        def chunk(positions, q_c, w_c):
+            # The group's rows of the query chunk: XLA folds this slice into the chunk's (one copy of [G, Tc, ...]).
+            q_c, w_c = (jax.lax.dynamic_slice_in_dim(x, rows[0], rows.shape[0]) for x in (q_c, w_c))
+            scores = indexer_scores_triton(q_c, k, w_c, k_scale, k_len, positions, q_offset=q_offset, block_t=block_t,
+                                           block_s=block_s, interpret=interpret, **tiles)
+            return select_topk(scores, topk)  # masked scores are -inf: never selected, -1 past the valid keys
 
-    return map_query_chunks(chunk, chunk_size, q, w)
+        return map_query_chunks(chunk, chunk_size, q, w)
+
+    return map_chunks(batch_rows, group, k, k_scale, k_len, axis=0)

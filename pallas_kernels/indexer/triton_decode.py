@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.tiles import next_pow2
+from pallas_kernels.tiles import next_pow2, overflows_offsets
 from pallas_kernels.topk import select_topk
 
 
@@ -68,12 +68,6 @@ def _scores_kernel(layer_ref, klen_ref, q_ref, w_ref, k_ref, *rest, block_s, num
         o_ref[...] = jnp.full((tp, block_s), -jnp.inf, jnp.float32)
 
 
-def _overflows_offsets(x):
-    """True for the operands JAX's Triton lowering mis-addresses: 32-bit signed element offsets
-    (it switches to 64-bit above 4 GiB) overflow for 1-byte elements past 2 GiB."""
-    return x.dtype.itemsize == 1 and 2**31 < x.size <= 2**32
-
-
 def indexer_scores_decode_triton(q, k_cache, w, layer, k_len, k_scale=None, *, block_s=128, num_warps=4,
                                  num_stages=1, interpret=False):
     """Scores [B, Tp, Sp] float32 (-inf where s >= k_len[b, t] or s >= S) of q [B, T, H, D] against
@@ -88,11 +82,11 @@ def indexer_scores_decode_triton(q, k_cache, w, layer, k_len, k_scale=None, *, b
                          f"in place, unpadded), got {d}")
     if block_s != next_pow2(block_s):
         raise ValueError(f"indexer_scores_decode_triton: block_s must be a power of two >= 16, got {block_s}")
-    if _overflows_offsets(k_cache):
+    if overflows_offsets(k_cache.shape, k_cache.dtype):
         k_cache = jax.lax.dynamic_index_in_dim(k_cache, layer, keepdims=True)  # the copy the kernel avoids elsewhere
         k_scale = None if k_scale is None else jax.lax.dynamic_index_in_dim(k_scale, layer, keepdims=True)
         layer = 0
-        if _overflows_offsets(k_cache):
+        if overflows_offsets(k_cache.shape, k_cache.dtype):
             raise ValueError(f"indexer_scores_decode_triton: one fp8 layer of {k_cache.size / 2**30:.1f} GiB: 2-4 GiB "
                              "1-byte operands overflow the Triton lowering's 32-bit offsets")
     tp, hp, sp = next_pow2(t, 1), next_pow2(h), -(-s // block_s) * block_s
