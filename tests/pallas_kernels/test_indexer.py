@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import ops
+from pallas_kernels import ops, tiles
+from pallas_kernels.indexer import triton
 from pallas_kernels.indexer.reference import indexer_scores, indexer_topk_reference
 from pallas_kernels.indexer.triton import indexer_topk_triton
 
@@ -74,3 +75,25 @@ def test_fp8_inputs_match_reference(impl):
     want = indexer_topk_reference(q8, k8, w, topk=5, k_scale=k_scale)
     assert same_selection(np.asarray(got), np.asarray(want), q8, k8, w, k_scale)
     assert ascending_then_padding(np.asarray(got))  # the kernels' order: the reference was not taken
+
+
+# Per batch row (block_t 4, block_s 16; 4 heads pad to 16, D = 16) the query chunk has 256·chunk elements, k 16·Sp.
+@pytest.mark.parametrize("s, chunk, limit, group", [
+    (100, 4, 4096, 2),  # k [3, 112, 16] (5376 elements) in (limit, 2·limit]: groups of 2, the last shifted back
+    (40, 8, 4096, 2),   # the query chunk [3, 8, 16, 16] (6144) in range, k (2304) not
+    (40, 8, 2048, 1),   # k (2304) in range; then the chunk of 2 rows (4096) is: groups of 1
+])
+def test_fp8_batch_groups_equal_one_call(monkeypatch, s, chunk, limit, group):
+    """With the offset limit lowered (tiles.OFFSET_LIMIT) the batch runs in groups: same indices as one call."""
+    q, k, w, k_scale, kl = random_inputs(3, 16, s, 4, 16, [s, 17, 29], jnp.float32)
+    q8, k8 = q.astype(jnp.float8_e4m3fn), k.astype(jnp.float8_e4m3fn)
+    run = lambda: np.asarray(indexer_topk_triton(q8, k8, w, topk=6, k_scale=k_scale, q_offset=3, k_len=kl,
+                                                 chunk_size=chunk, interpret=True, block_t=4, block_s=16))
+    want = run()
+    rows = []
+    scores = triton.indexer_scores_triton
+    monkeypatch.setattr(triton, "indexer_scores_triton", lambda q, *a, **kw: rows.append(q.shape[0]) or scores(q, *a, **kw))
+    monkeypatch.setattr(tiles, "OFFSET_LIMIT", limit)
+    got = run()
+    assert set(rows) == {group}
+    np.testing.assert_array_equal(got, want)

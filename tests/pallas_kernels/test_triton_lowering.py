@@ -9,14 +9,19 @@ Tracing only: nothing executes, so real sizes cost little.
 The decode indexer at V3.2 decode shapes (B = 64 sequences, T = 1 or 2 queries, S = 128K cached
 keys, a stacked cache of L = 2 layers, bf16 and fp8) also reads the cache in place: no
 dynamic-slice of a layer appears in the module, except where an fp8 cache of 2-4 GiB makes it
-fall back to a copy of the layer (32-bit offsets).
+fall back to a copy of the layer (32-bit offsets). The prefill indexer runs the batch in groups
+where an fp8 query chunk or k of 2-4 GiB would overflow them: no fp8 operand of a Triton call
+lies in that range.
 """
+
+import math
+import re
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels.indexer.triton import indexer_topk_triton
+from pallas_kernels.indexer.triton import indexer_scores_triton, indexer_topk_triton
 from pallas_kernels.indexer.triton_decode import indexer_topk_decode_triton
 from pallas_kernels.sparse_mla import triton as sparse_mla_triton
 
@@ -73,3 +78,44 @@ def test_decode_copies_the_layer_of_a_2_to_4_gib_fp8_cache():
     """3 fp8 layers at the decode shape: 3 GiB, addressed with 32-bit offsets, so the layer is sliced out."""
     module = export_for_cuda(*decode_case(1, jnp.float8_e4m3fn, layers=3)).mlir_module()
     assert "dynamic_slice" in module and module.count(TRITON_CALL) == 1
+
+
+def fp8_operand_shapes(module):
+    """Shapes of the fp8 operands of every Triton call in a lowered module, in operand order."""
+    shapes = []
+    for line in module.splitlines():
+        if TRITON_CALL in line:
+            operand_types = line.rsplit("} : (", 1)[1].split(") ->")[0]
+            shapes += [tuple(map(int, dims.split("x"))) for dims in re.findall(r"tensor<([0-9x]+)xf8E4M3FN>", operand_types)]
+    return shapes
+
+
+def prefill_fp8_case(b, t, s):
+    args = (sd((b, t, HI, DI), jnp.float8_e4m3fn), sd((b, s, DI), jnp.float8_e4m3fn), sd((b, t, HI), jnp.float32),
+            sd((b, s), jnp.float32))
+    return lambda q, k, w, ks: indexer_topk_triton(q, k, w, topk=K, k_scale=ks), args
+
+
+@pytest.mark.parametrize("b, t, s, group", [
+    (768, 512, 4096, 384),    # the query chunk [768, 512, 64, 128]: 3 GiB
+    (192, 8, 131072, 96),     # k [192, 128K, 128]: 3 GiB
+    (384, 8, 131072, 384),    # k of 6 GiB: 64-bit offsets, one call
+])
+def test_prefill_fp8_operands_stay_addressable(b, t, s, group):
+    """fp8 operands of 2-4 GiB (32-bit offsets overflow) reach the kernel in batch groups of <= 2^31 elements."""
+    shapes = fp8_operand_shapes(export_for_cuda(*prefill_fp8_case(b, t, s)).mlir_module())
+    assert [shape[0] for shape in shapes] == [group, group]  # q's chunk, k
+    assert all(math.prod(shape) <= 2**31 or math.prod(shape) > 2**32 for shape in shapes)
+
+
+def test_prefill_refuses_one_fp8_key_row_of_2_to_4_gib():
+    """k [1, S, 128] with S·128 just over 2^31: no batch split helps, so a clear ValueError (tracing only)."""
+    fn, args = prefill_fp8_case(1, 8, 2**24 + 128)
+    with pytest.raises(ValueError, match=r"one row of the keys k .*32-bit offsets"):
+        jax.eval_shape(fn, *args)
+
+
+def test_scores_kernel_refuses_an_fp8_operand_of_2_to_4_gib():
+    q, k, w, ks = prefill_fp8_case(768, 512, 4096)[1]
+    with pytest.raises(ValueError, match="fewer batch rows"):
+        jax.eval_shape(lambda *a: indexer_scores_triton(*a, jnp.full((768,), 4096), jnp.arange(512)), q, k, w, ks)
