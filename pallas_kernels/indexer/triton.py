@@ -12,9 +12,11 @@ O(chunk_size · S), never [T, S]. Reference: `pallas_kernels/indexer/reference.p
 JAX's Triton lowering addresses an operand with 32-bit signed element offsets unless it exceeds
 4 GiB, which a 1-byte (fp8) operand of 2^31-2^32 elements overflows (`pallas_kernels/tiles.py`):
 an fp8 k [B, S, D] of 2-4 GiB (B = 192, S = 128K, D = 128) or a query chunk [B, chunk_size, H, D]
-(B > 512 at 512 x 64 x 128). There `indexer_topk_triton` runs the batch in groups of rows whose
-operands stay within 2^31 elements (each group's k a copy, one group at a time); a single row in
-that range (S·D > 2^31) is refused with a ValueError.
+(B > 512 at chunk_size 512, H = 64, D = 128). There `indexer_topk_triton` runs the batch in even
+groups of rows whose operands stay within 2^31 elements (each group's k a copy, one group at a
+time; q is sliced per chunk as before); a single row in that range (S·D > 2^31) is refused with
+a ValueError. Not affected: the float32 and int32 operands (k_scale, w, scores) and select_topk
+(plain XLA, no Triton call).
 
 Measured on an H200 (V3.2: 64 heads x 128, k=2048, bf16) with `lax.top_k` per chunk: 3.1 / 47
 / 697 ms at T = 4K / 16K / 64K, 4.7x / 3.1x faster than the XLA reference up to 16K; a later
