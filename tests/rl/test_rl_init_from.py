@@ -13,7 +13,7 @@ from deepseek_jax.chat.markup import BOS, EOS
 from deepseek_jax.training import data
 from experiments import pretrain, rl, task_corpus
 from experiments.configs import rl_format, rl_math
-from tests.rl.test_rl_binary import _config
+from tests.rl.test_rl_binary import _config, _rows
 
 
 def _rl_config():
@@ -65,12 +65,22 @@ def test_init_from_a_pretraining_workdir(pretrained):
 
 
 @pytest.mark.slow
-def test_grpo_step_from_a_pretraining_workdir(pretrained, tmp_path):
+def test_grpo_from_a_pretraining_workdir_resumes(pretrained, tmp_path):
+    """Two GRPO steps from a pretrained policy, uninterrupted and as 1 + 1 steps resumed from the
+    workdir's checkpoint (the reference params are rebuilt from init_from): same params, same rows."""
     c = _rl_config()
-    c.update(init_from=pretrained[0], steps=1, sft_steps=1000)  # the warm-up is skipped with init_from
-    summary = rl.run(c, str(tmp_path), progress=False)
-    assert summary["step"] == 1 and 0 <= summary["pass_at_1"] <= 1
-    assert summary["history"][0]["grad_norm"] >= 0 and np.isfinite(summary["history"][0]["loss"])
+    c.update(init_from=pretrained[0], steps=2, checkpoint_every=1, sft_steps=1000)  # no warm-up with init_from
+    full = rl.run(c, str(tmp_path / "full"), progress=False)
+    assert full["step"] == 2 and 0 <= full["pass_at_1"] <= 1
+    assert full["history"][0]["grad_norm"] >= 0 and np.isfinite(full["history"][0]["loss"])
+    c.steps = 1
+    rl.run(c, str(tmp_path / "resumed"), progress=False)
+    c.steps = 2
+    resumed = rl.run(c, str(tmp_path / "resumed"), progress=False)
+    assert resumed["start_step"] == 1 and resumed["start_pass_at_1"] == full["start_pass_at_1"]
+    assert _rows(str(tmp_path / "resumed")) == _rows(str(tmp_path / "full"))
+    for a, b in zip(jax.tree.leaves(resumed["params"]), jax.tree.leaves(full["params"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_init_from_another_model_is_refused(pretrained):
