@@ -41,7 +41,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 def model_config(config) -> ModelConfig:
-    overrides = {k: v for k, v in config.model.items() if k != "preset"}
+    overrides = {k: v for k, v in config.model.items() if k != "preset" and v is not None}
     return ModelConfig.preset(config.model.preset, **overrides)
 
 

@@ -1,13 +1,30 @@
 """Defaults every preset config starts from (`experiments/pretrain.py` documents the fields)."""
 
+import dataclasses
+import typing
+
 import ml_collections
+from ml_collections import config_dict
+
+from deepseek_jax.config import ModelConfig
+
+
+def model_fields(preset: str, **values) -> ml_collections.ConfigDict:
+    """`config.model`: a ModelConfig preset and every ModelConfig field, None (the preset's value)
+    unless given here, so that any field can be set on the command line (`--config.model.index_topk=64`;
+    ml_collections only overrides keys that exist)."""
+    types = typing.get_type_hints(ModelConfig)
+    unknown = set(values) - set(types)
+    if unknown:
+        raise ValueError(f"model_fields: not ModelConfig fields: {sorted(unknown)}")
+    fields = {f.name: values.get(f.name, config_dict.placeholder(types[f.name])) for f in dataclasses.fields(ModelConfig)}
+    return ml_collections.ConfigDict({"preset": preset, **fields})
 
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    # Model: a ModelConfig preset; the other keys override its fields.
-    c.model = ml_collections.ConfigDict({"preset": "tiny", "vocab_size": 1024, "dtype": "float32", "remat": "none",
-                                         "attention_impl": "auto"})
+    # Model: a ModelConfig preset; the fields set (not None) override the preset's.
+    c.model = model_fields("tiny", vocab_size=1024, dtype="float32", remat="none", attention_impl="auto")
     # Run
     c.steps = 200
     c.batch_size = 8              # sequences per micro-batch (global, over every device)

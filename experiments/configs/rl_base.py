@@ -3,13 +3,15 @@
 import ml_collections
 from ml_collections import config_dict
 
+from experiments.configs.base import model_fields
+
 
 def rl_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    # Policy: a ModelConfig preset (the other keys override its fields). Byte-level tokens need a vocab
+    # Policy: a ModelConfig preset (fields set, not None, override it). Byte-level tokens need a vocab
     # >= 256 (a policy pretrained by configs/rl_format.py has 258: bytes + BOS/EOS; pass
     # --config.model.vocab_size=258 with its init_from).
-    c.model = ml_collections.ConfigDict({"preset": "tiny", "vocab_size": 256})
+    c.model = model_fields("tiny", vocab_size=256)
     c.init_from = ""              # a pretraining workdir, or an HF safetensors dir of a byte-level policy;
     #                               "" = random byte-level init + SFT warm-up
     c.seed = 0
