@@ -88,12 +88,6 @@ def layer_kv(group: LayerCache, layer) -> jax.Array:
     return group.kv[layer]
 
 
-def layer_index_keys(group: LayerCache, layer):
-    """(index_k [B, S, I], index_k_scale [B, S] or None) of one layer (under jit a copy of the layer)."""
-    scale = None if group.index_k_scale is None else group.index_k_scale[layer]
-    return group.index_k[layer], scale
-
-
 def index_key_stack(group: LayerCache):
     """(index_k [L, B, S, I], index_k_scale [L, B, S] or None): every layer's indexer keys, for
     `ops.indexer_topk_decode`, which reads one layer of them in place (no copy of the layer)."""

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from deepseek_jax import ModelConfig, forward
-from deepseek_jax.cache import init_cache, layer_index_keys, write
+from deepseek_jax.cache import index_key_stack, init_cache, write
 from deepseek_jax.generate import decode_step, prefill
 from tests.test_generate import random_params
 
@@ -56,8 +56,8 @@ def test_write_and_read_rows():
     written[1, 0, 0:3] = written[1, 1, 6:9] = True
     assert np.all(np.asarray(new.kv)[~written] == 0) and np.all(np.asarray(new.index_k_scale)[~written] == 0)
 
-    k, s = layer_index_keys(new, 1)
-    assert k.shape == (2, 10, 128) and s.shape == (2, 10)
+    k, s = index_key_stack(new)
+    assert k.shape == (2, 2, 10, 128) and s.shape == (2, 2, 10)
 
 
 def test_decode_step_updates_the_cache_in_place():
