@@ -42,23 +42,65 @@ from pallas_kernels.topk import select_topk
 BLOCK_T, BLOCK_S = 4, 128  # default tiles: queries x keys per program
 
 
+def _score_tile(q, w, k, k_scale, keys, limit):
+    """One [block_t, block_s] tile: k_scale[s] · Σ_h w[t, h] · relu(q[t, h] · k[s]), -inf where keys[s] >= limit[t].
+
+    q [block_t, Hp, Dp], w [block_t, Hp], k [block_s, Dp], k_scale [block_s], keys [block_s], limit [block_t].
+    Both kernels call it, so the key loop computes each tile exactly as the grid does.
+    """
+    block_t, heads, dim = q.shape
+    block_s = k.shape[0]
+    logits = jnp.maximum(jnp.dot(q.reshape(block_t * heads, dim), k.T, preferred_element_type=jnp.float32), 0.0)
+    scores = jnp.sum((logits * w.reshape(block_t * heads, 1)).reshape(block_t, heads, block_s), axis=1)
+    return jnp.where(keys[None, :] < limit[:, None], scores * k_scale[None, :], -jnp.inf)
+
+
+def _key_limit(pos_ref, klen_ref, q_offset):
+    """[block_t]: query t sees the keys s < min(position + q_offset + 1, k_len) (padded queries: none)."""
+    return jnp.minimum(pos_ref[...] + q_offset + 1, klen_ref[0])
+
+
 def _scores_kernel(pos_ref, q_ref, w_ref, k_ref, ks_ref, klen_ref, o_ref, *, block_s, q_offset):
-    block_t, heads, dim = q_ref.shape
-    keys = pl.program_id(2) * block_s + jnp.arange(block_s, dtype=jnp.int32)
-    limit = jnp.minimum(pos_ref[...] + q_offset + 1, klen_ref[0])    # [block_t]
-    visible = pl.program_id(2) * block_s < jnp.max(limit)
+    """Grid (B, Tp/block_t, Sp/block_s): one tile per program."""
+    block_t = q_ref.shape[0]
+    first = pl.program_id(2) * block_s
+    limit = _key_limit(pos_ref, klen_ref, q_offset)
+    visible = first < jnp.max(limit)
 
     @pl.when(visible)
     def _():
-        q = q_ref[...].reshape(block_t * heads, dim)
-        logits = jnp.maximum(jnp.dot(q, k_ref[...].T, preferred_element_type=jnp.float32), 0.0)
-        w = w_ref[...].reshape(block_t * heads, 1)
-        scores = jnp.sum((logits * w).reshape(block_t, heads, block_s), axis=1) * ks_ref[...][None, :]
-        o_ref[...] = jnp.where(keys[None, :] < limit[:, None], scores, -jnp.inf)
+        keys = first + jnp.arange(block_s, dtype=jnp.int32)
+        o_ref[...] = _score_tile(q_ref[...], w_ref[...], k_ref[...], ks_ref[...], keys, limit)
 
     @pl.when(jnp.logical_not(visible))  # a block wholly after every query's last key: no matmul
     def _():
         o_ref[...] = jnp.full((block_t, block_s), -jnp.inf, jnp.float32)
+
+
+def _scores_key_loop_kernel(pos_ref, q_ref, w_ref, k_ref, ks_ref, klen_ref, o_ref, *, block_s, q_offset):
+    """Grid (B, Tp/block_t): the program loops over the key blocks of its batch row (k_ref [Sp, Dp], o_ref
+    [block_t, Sp]), q and w loaded once; the trip count is the blocks its queries see (traced), the rest get -inf."""
+    block_t = q_ref.shape[0]
+    num_blocks = k_ref.shape[0] // block_s
+    limit = _key_limit(pos_ref, klen_ref, q_offset)
+    # limit <= k_len <= S, so at most num_blocks; padded-only tiles have max(limit) = 0: no block.
+    visible = jax.lax.div(jnp.maximum(jnp.max(limit), 0) + block_s - 1, block_s)
+    q, w = q_ref[...], w_ref[...]
+
+    def score_block(j, carry):
+        first = pl.multiple_of(j * block_s, block_s)
+        rows = pl.ds(first, block_s)
+        keys = first + jnp.arange(block_s, dtype=jnp.int32)
+        o_ref[:, rows] = _score_tile(q, w, k_ref[rows, :], ks_ref[rows], keys, limit)
+        return carry
+
+    def mask_block(j, carry):  # a block wholly after every query's last key: no load, no matmul
+        o_ref[:, pl.ds(pl.multiple_of(j * block_s, block_s), block_s)] = jnp.full((block_t, block_s), -jnp.inf,
+                                                                                   jnp.float32)
+        return carry
+
+    jax.lax.fori_loop(0, visible, score_block, 0)
+    jax.lax.fori_loop(visible, num_blocks, mask_block, 0)
 
 
 def _padded_dims(tc, s, h, d, block_t, block_s):
@@ -73,8 +115,12 @@ def _row_operands(q, k, tc, block_t, block_s):
 
 
 def indexer_scores_triton(q, k, w, k_scale, k_len, positions, *, q_offset=0, block_t=BLOCK_T, block_s=BLOCK_S,
-                          num_warps=8, num_stages=2, interpret=False):
-    """Scores [B, Tc, S] (float32, -inf where masked) of queries at `positions` [Tc]."""
+                          key_loop=False, num_warps=8, num_stages=2, interpret=False):
+    """Scores [B, Tc, S] (float32, -inf where masked) of queries at `positions` [Tc].
+
+    key_loop: the key-loop kernel (one program per query tile looping over the key blocks) instead of
+    the grid kernel (one program per tile); same scores (module docstring).
+    """
     b, tc, h, d = q.shape
     s = k.shape[1]
     if rows_per_call(b, _row_operands(q, k, tc, block_t, block_s), "indexer_scores_triton") < b:
@@ -87,30 +133,36 @@ def indexer_scores_triton(q, k, w, k_scale, k_len, positions, *, q_offset=0, blo
     k = jnp.pad(k, ((0, 0), (0, sp - s), (0, dp - d)))
     k_scale = jnp.pad(k_scale.astype(jnp.float32), ((0, 0), (0, sp - s)))
     positions = jnp.pad(positions.astype(jnp.int32), (0, tp - tc), constant_values=-1 - q_offset)
-    kernel = functools.partial(_scores_kernel, block_s=block_s, q_offset=q_offset)
+    # The key-loop program takes all Sp keys of its batch row (and its [block_t, Sp] output rows) as one block.
+    key_tile, grid = (sp, (b, tp // block_t)) if key_loop else (block_s, (b, tp // block_t, sp // block_s))
+    key_block = lambda *l: l[0] if l else 0  # the block index along S: l on the 3-D grid, else 0
+    in_specs = [
+        pl.BlockSpec((block_t,), lambda i, j, *l: (j,)),
+        pl.BlockSpec((None, block_t, hp, dp), lambda i, j, *l: (i, j, 0, 0)),
+        pl.BlockSpec((None, block_t, hp), lambda i, j, *l: (i, j, 0)),
+        pl.BlockSpec((None, key_tile, dp), lambda i, j, *l: (i, key_block(*l), 0)),
+        pl.BlockSpec((None, key_tile), lambda i, j, *l: (i, key_block(*l))),
+        pl.BlockSpec((1,), lambda i, j, *l: (i,)),
+    ]
     out = pl.pallas_call(
-        kernel,
-        grid=(b, tp // block_t, sp // block_s),
-        in_specs=[
-            pl.BlockSpec((block_t,), lambda i, j, l: (j,)),
-            pl.BlockSpec((None, block_t, hp, dp), lambda i, j, l: (i, j, 0, 0)),
-            pl.BlockSpec((None, block_t, hp), lambda i, j, l: (i, j, 0)),
-            pl.BlockSpec((None, block_s, dp), lambda i, j, l: (i, l, 0)),
-            pl.BlockSpec((None, block_s), lambda i, j, l: (i, l)),
-            pl.BlockSpec((1,), lambda i, j, l: (i,)),
-        ],
-        out_specs=pl.BlockSpec((None, block_t, block_s), lambda i, j, l: (i, j, l)),
+        functools.partial(_scores_key_loop_kernel if key_loop else _scores_kernel, block_s=block_s, q_offset=q_offset),
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, block_t, key_tile), lambda i, j, *l: (i, j, key_block(*l))),
         out_shape=jax.ShapeDtypeStruct((b, tp, sp), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name="indexer_scores",
+        name="indexer_scores_key_loop" if key_loop else "indexer_scores",
     )(positions, q, w, k, k_scale, k_len.astype(jnp.int32))
     return out[:, :tc, :s]
 
 
 def indexer_topk_triton(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, chunk_size=512, interpret=False,
-                        block_t=BLOCK_T, block_s=BLOCK_S, **tiles):
-    """Same contract as `indexer_topk_reference` (int32 [B, T, topk], -1 for empty slots), indices ascending."""
+                        block_t=BLOCK_T, block_s=BLOCK_S, key_loop=False, **tiles):
+    """Same contract as `indexer_topk_reference` (int32 [B, T, topk], -1 for empty slots), indices ascending.
+
+    key_loop: score with the key-loop kernel (`indexer_scores_triton`); tiles: its num_warps, num_stages.
+    """
     b, t = q.shape[:2]
     s = k.shape[1]
     k_len = jnp.full((b,), s, jnp.int32) if k_len is None else jnp.minimum(jnp.asarray(k_len, jnp.int32), s)
@@ -123,7 +175,7 @@ def indexer_topk_triton(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, 
             # The group's rows of the query chunk: XLA folds this slice into the chunk's (one copy of [G, Tc, ...]).
             q_c, w_c = (jax.lax.dynamic_slice_in_dim(x, rows[0], rows.shape[0]) for x in (q_c, w_c))
             scores = indexer_scores_triton(q_c, k, w_c, k_scale, k_len, positions, q_offset=q_offset, block_t=block_t,
-                                           block_s=block_s, interpret=interpret, **tiles)
+                                           block_s=block_s, key_loop=key_loop, interpret=interpret, **tiles)
             return select_topk(scores, topk)  # masked scores are -inf: never selected, -1 past the valid keys
 
         return map_query_chunks(chunk, chunk_size, q, w)
