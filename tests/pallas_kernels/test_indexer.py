@@ -46,10 +46,11 @@ def random_inputs(b, t, s, h, d, k_len, dtype):
     (1, 40, 40, 16, 64, 12, 0, None, 40),     # more heads, one chunk
 ])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_topk_matches_reference(b, t, s, h, d, topk, q_offset, k_len, chunk, dtype):
+@pytest.mark.parametrize("key_loop", [False, True])
+def test_topk_matches_reference(b, t, s, h, d, topk, q_offset, k_len, chunk, dtype, key_loop):
     q, k, w, k_scale, kl = random_inputs(b, t, s, h, d, k_len, dtype)
     got = indexer_topk_triton(q, k, w, topk=topk, k_scale=k_scale, q_offset=q_offset, k_len=kl, chunk_size=chunk,
-                              interpret=True, block_t=4, block_s=16)
+                              interpret=True, block_t=4, block_s=16, key_loop=key_loop)
     want = indexer_topk_reference(q, k, w, topk=topk, k_scale=k_scale, q_offset=q_offset, k_len=kl)
     assert got.dtype == jnp.int32 and got.shape == want.shape
     assert same_selection(np.asarray(got), np.asarray(want), q, k, w, k_scale)
@@ -97,3 +98,33 @@ def test_fp8_batch_groups_equal_one_call(monkeypatch, s, chunk, limit, group):
     got = run()
     assert set(rows) == {group}
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float8_e4m3fn])
+def test_key_loop_scores_equal_the_grid_kernel(dtype):
+    """The key-loop kernel computes each tile as the grid kernel does: bitwise equal scores (fp8 with key scales
+    too), with ragged T and S, q_offset > 0 and per-row k_len of 0, below one block and below T + q_offset."""
+    q, k, w, k_scale, kl = random_inputs(4, 13, 37, 5, 24, [37, 0, 9, 20], jnp.float32)
+    q, k = q.astype(dtype), k.astype(dtype)
+    run = lambda key_loop: np.asarray(triton.indexer_scores_triton(
+        q, k, w, k_scale, kl, jnp.arange(13), q_offset=5, block_t=4, block_s=16, key_loop=key_loop, interpret=True))
+    got, want = run(True), run(False)
+    np.testing.assert_array_equal(got, want)
+    assert np.all(got[1] == -np.inf) and np.all(got[2][:, 9:] == -np.inf)
+
+
+def test_key_loop_topk_fp8_k_len_ties_match_reference():
+    """key_loop=True through indexer_topk_triton: fp8 with scales and per-row k_len (0, < topk) equals the
+    reference; exact zero ties keep the lowest indices."""
+    q, k, w, k_scale, kl = random_inputs(3, 19, 45, 8, 32, [45, 0, 3], jnp.float32)
+    q8, k8 = q.astype(jnp.float8_e4m3fn), k.astype(jnp.float8_e4m3fn)
+    got = indexer_topk_triton(q8, k8, w, topk=6, k_scale=k_scale, q_offset=7, k_len=kl, chunk_size=8, interpret=True,
+                              block_t=4, block_s=16, key_loop=True)
+    want = indexer_topk_reference(q8, k8, w, topk=6, k_scale=k_scale, q_offset=7, k_len=kl)
+    assert same_selection(np.asarray(got), np.asarray(want), q8, k8, w, k_scale)
+    assert ascending_then_padding(np.asarray(got))
+    assert np.all(np.asarray(got)[1] == -1) and np.all(np.asarray(got)[2, :, 3:] == -1)
+    ties = indexer_topk_triton(q, k, jnp.zeros_like(w), topk=6, k_len=kl, interpret=True, block_t=4, block_s=16,
+                               key_loop=True)
+    np.testing.assert_array_equal(np.asarray(ties)[0, :, :], np.where(np.arange(6) <= np.arange(19)[:, None],
+                                                                      np.arange(6), -1))

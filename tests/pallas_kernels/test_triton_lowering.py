@@ -11,7 +11,8 @@ keys, a stacked cache of L = 2 layers, bf16 and fp8) also reads the cache in pla
 dynamic-slice of a layer appears in the module, except where an fp8 cache of 2-4 GiB makes it
 fall back to a copy of the layer (32-bit offsets). The prefill indexer runs the batch in groups
 where an fp8 query chunk or k of 2-4 GiB would overflow them: no fp8 operand of a Triton call
-lies in that range.
+lies in that range. The prefill indexer's key-loop variant lowers at B = 1, a 512-query chunk,
+S = 64K keys (bf16 and fp8).
 """
 
 import math
@@ -43,6 +44,16 @@ KERNELS = {
                           sd((B, T, HI), jnp.float32), sd((B, S), jnp.float32))),
 }
 DB, DS = 64, 131072  # decode: sequences, cached keys
+PT, PS = 512, 65536  # prefill indexer: one chunk of queries (indexer_topk_triton's default) against S keys
+
+
+def key_loop_case(dtype):
+    """The key-loop prefill indexer (one program per query tile, a traced-count loop over the key blocks)."""
+    args = (sd((B, PT, HI, DI), dtype), sd((B, PS, DI), dtype), sd((B, PT, HI), jnp.float32), sd((B, PS), jnp.float32))
+    return lambda q, k, w, ks: indexer_topk_triton(q, k, w, topk=K, k_scale=ks, key_loop=True), args
+
+
+KERNELS |= {"indexer_topk_key_loop": key_loop_case(jnp.bfloat16), "indexer_topk_key_loop_fp8": key_loop_case(jnp.float8_e4m3fn)}
 
 
 def decode_case(t, dtype, layers=2):
@@ -90,10 +101,10 @@ def fp8_operand_shapes(module):
     return shapes
 
 
-def prefill_fp8_case(b, t, s):
+def prefill_fp8_case(b, t, s, key_loop=False):
     args = (sd((b, t, HI, DI), jnp.float8_e4m3fn), sd((b, s, DI), jnp.float8_e4m3fn), sd((b, t, HI), jnp.float32),
             sd((b, s), jnp.float32))
-    return lambda q, k, w, ks: indexer_topk_triton(q, k, w, topk=K, k_scale=ks), args
+    return lambda q, k, w, ks: indexer_topk_triton(q, k, w, topk=K, k_scale=ks, key_loop=key_loop), args
 
 
 @pytest.mark.parametrize("b, t, s, group", [
@@ -101,9 +112,11 @@ def prefill_fp8_case(b, t, s):
     (192, 8, 131072, 96),     # k [192, 128K, 128]: 3 GiB
     (384, 8, 131072, 384),    # k of 6 GiB: 64-bit offsets, one call
 ])
-def test_prefill_fp8_operands_stay_addressable(b, t, s, group):
-    """fp8 operands of 2-4 GiB (32-bit offsets overflow) reach the kernel in batch groups of <= 2^31 elements."""
-    shapes = fp8_operand_shapes(export_for_cuda(*prefill_fp8_case(b, t, s)).mlir_module())
+@pytest.mark.parametrize("key_loop", [False, True])
+def test_prefill_fp8_operands_stay_addressable(b, t, s, group, key_loop):
+    """fp8 operands of 2-4 GiB (32-bit offsets overflow) reach the kernel in batch groups of <= 2^31 elements
+    (the key-loop variant too: same operands, through the same wrapper)."""
+    shapes = fp8_operand_shapes(export_for_cuda(*prefill_fp8_case(b, t, s, key_loop)).mlir_module())
     assert [shape[0] for shape in shapes] == [group, group]  # q's chunk, k
     assert all(math.prod(shape) <= 2**31 or math.prod(shape) > 2**32 for shape in shapes)
 
