@@ -25,6 +25,22 @@ With `select_topk` (0.5 ms per chunk): 22.1 ms at 16K and 265 ms at 64K (259 ms 
 chunk_size=1024), now mostly the scores kernel (target: 60 ms). experiments/bench_kernels.py
 times scores and top-k apart.
 
+Two kernels compute the same tiles (`_score_tile`, so the scores are bitwise equal):
+- the grid kernel (default): grid (B, Tp/block_t, Sp/block_s), one tile per program. With the
+  default tiles (block_t = 4, block_s = 128, H = 64, D = 128, bf16) a program loads a q tile
+  [256, 128] (64 KiB) and a key tile (32 KiB), does one 256 x 128 x 128 matmul (8.4 MFLOP) and
+  writes 2 KiB: ~84 FLOP/B, below the H200's bf16 ridge (~790 TFLOP/s / 4.3 TB/s ~ 180), because
+  q is read again for every key block (275 GB of q reads at T = S = 64K, mostly from L2). And
+  there are 16K x 512 = 8.4M programs, half of them causal no-ops that still launch and store -inf.
+- the key-loop kernel (`key_loop=True`, flash-attention style): grid (B, Tp/block_t); a program
+  loads its q tile and w once, then loops (`lax.fori_loop`, lowered to an scf.for with the trip
+  count computed in the kernel from the positions, q_offset and k_len) over the key blocks its
+  queries see, loading each key tile and its scales with `pl.ds` from the batch row's [Sp, Dp]
+  block and storing the tile into its [block_t, Sp] output rows; a second loop stores -inf in the
+  blocks past the limit (no load, no matmul). Per iteration: the key tile + 2 KiB out for the same
+  8.4 MFLOP, ~240 FLOP/B; q is read once (1 GB at 64K), 16K programs. Not yet timed on a GPU:
+  experiments/bench_kernels.py sweeps both (configs ending in ":loop").
+
 Shapes: B batch, T queries, S keys, H heads, D head dim, K = topk.
 """
 
