@@ -10,7 +10,10 @@ sparse_mla forward (V3.2 shapes: H=128 heads, Dqk=576, Dv=512, k=2048, one KV ro
   - dense causal attention in MHA mode (what V3.1 prefill ran): `jax.nn.dot_product_attention`
     (cuDNN on GPU), q/k 192-d, v 128-d padded to 192 (cuDNN wants equal dims; FLOPs count 128).
 indexer_topk (V3.2: 64 heads x 128, bf16 q/k, fp32 head weights): the scores kernel with a
-chunked `lax.top_k`, each --index_configs tile at --sweep_len then the best at every length,
+chunked top-k, each --index_configs tile at --sweep_len, then at every length the best grid
+config and the best key-loop config (a config ending in ":loop": `key_loop=True`, one program
+per query tile looping over the key blocks; rows labelled "grid" / "key-loop", and the sweep
+prints which is faster), the overall best in fp8,
 against the XLA reference up to --max_reference_len; FLOPs = 2·(causal pairs)·H_I·D_I (the QK
 matmul only, as DeepGEMM counts), and a row "indexer + sparse_mla" summing both kernels.
 The split, per query chunk (the last chunk of --index_chunk queries, which sees all T keys):
@@ -91,8 +94,10 @@ _MAX_REF_BWD = flags.DEFINE_integer("max_reference_bwd_len", 4096,
                                     "longest T for the reference VJP (it holds T·k gathered rows: 118 GiB at 16K)")
 _INDEX_HEADS = flags.DEFINE_integer("index_heads", 64, "indexer heads")
 _INDEX_DIM = flags.DEFINE_integer("index_dim", 128, "indexer head dim")
-_INDEX_CONFIGS = flags.DEFINE_list("index_configs", ["4:64:8:2", "8:64:8:2", "4:128:8:2"],
-                                   "indexer tiles block_t:block_s:num_warps:num_stages, ...")
+_INDEX_CONFIGS = flags.DEFINE_list("index_configs", ["4:64:8:2", "8:64:8:2", "4:128:8:2", "4:64:8:2:loop",
+                                                    "4:128:8:2:loop", "4:128:8:3:loop", "2:128:4:3:loop"],
+                                   "indexer tiles block_t:block_s:num_warps:num_stages[:loop] (:loop = the key-loop "
+                                   "kernel), ...")
 _INDEX_CHUNK = flags.DEFINE_integer("index_chunk", 512, "queries per indexer chunk (indexer_topk_triton's default)")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "run the kernel in Pallas interpret mode (CPU smoke runs)")
 _PART_NAMES = ("decode", "decode_mla", "sparse_mla", "indexer", "backward")
@@ -147,17 +152,28 @@ def _row(name, t, seconds, flops, nbytes, peak_tflops=None):
     return row
 
 
+def _index_tiles(cfg):
+    """indexer_topk_triton's tile keywords of an --index_configs entry block_t:block_s:num_warps:num_stages[:loop]."""
+    fields = cfg.split(":")
+    if len(fields) not in (4, 5) or fields[4:] not in ([], ["loop"]):
+        raise ValueError(f"--index_configs entry {cfg!r}: want block_t:block_s:num_warps:num_stages[:loop]")
+    bt, bs, w, s = map(int, fields[:4])
+    return {"block_t": bt, "block_s": bs, "num_warps": w, "num_stages": s, "key_loop": len(fields) == 5}
+
+
+def _index_label(cfg):
+    return f"{'key-loop' if _index_tiles(cfg)['key_loop'] else 'grid'} [{cfg}]"
+
+
 def _indexer_split(t, q, kk, ww, cfg):
     """Rows for one chunk of the indexer at length t: scores kernel alone, then top-k alone on its scores."""
     h, d, k = _INDEX_HEADS.value, _INDEX_DIM.value, _TOPK.value
-    bt, bs, w, s = map(int, cfg.split(":"))
     chunk = min(_INDEX_CHUNK.value, t)
     q_c, w_c = q[:, t - chunk:], ww[:, t - chunk:]
     positions = jnp.arange(t - chunk, t, dtype=jnp.int32)
     ones, k_len = jnp.ones((1, t), jnp.float32), jnp.full((1,), t, jnp.int32)
     scores_fn = jax.jit(lambda q_c, kk, w_c: indexer_scores_triton(
-        q_c, kk, w_c, ones, k_len, positions, block_t=bt, block_s=bs, num_warps=w, num_stages=s,
-        interpret=_INTERPRET.value))
+        q_c, kk, w_c, ones, k_len, positions, interpret=_INTERPRET.value, **_index_tiles(cfg)))
     scores = scores_fn(q_c, kk, w_c)[0]  # [chunk, t] float32
     select = jax.jit(lambda x: topk_lib.select_topk(x, k))
     lax_topk = jax.jit(lambda x: jax.lax.top_k(x, min(k, t))[1])
@@ -166,7 +182,7 @@ def _indexer_split(t, q, kk, ww, cfg):
     print(f"top-k at T={t}: select_topk == lax.top_k sets: {bool(jnp.all(got[:, -want.shape[1]:] == want))}; "
           f"sampled path: {bool(jnp.all(topk_lib.sampled_rows_ok(scores, k)))}", flush=True)
     nbytes = chunk * t * 4
-    return [_row(f"indexer scores only [{cfg}] 1 chunk", t, _time(scores_fn, q_c, kk, w_c),
+    return [_row(f"indexer scores only {_index_label(cfg)} 1 chunk", t, _time(scores_fn, q_c, kk, w_c),
                  2 * chunk * t * h * d, nbytes),
             _row(f"top-k select_topk [{chunk}xT] 1 chunk", t, _time(select, scores), 0, nbytes),
             _row(f"top-k lax.top_k [{chunk}xT] 1 chunk", t, _time(lax_topk, scores), 0, nbytes)]
@@ -183,9 +199,8 @@ def _indexer(sparse_seconds):
                 jax.random.normal(kw, (1, t, h), jnp.float32))
 
     def kernel_fn(cfg):
-        bt, bs, w, s = map(int, cfg.split(":"))
-        return jax.jit(lambda q, kk, ww: indexer_topk_triton(q, kk, ww, topk=k, block_t=bt, block_s=bs, num_warps=w,
-                                                              num_stages=s, interpret=_INTERPRET.value))
+        tiles = _index_tiles(cfg)
+        return jax.jit(lambda q, kk, ww: indexer_topk_triton(q, kk, ww, topk=k, interpret=_INTERPRET.value, **tiles))
 
     flops = lambda t: 2 * (t * (t + 1) // 2) * h * d
     nbytes = lambda t: t * h * d * 2 + t * d * 2 + t * k * 4
@@ -209,20 +224,31 @@ def _indexer(sparse_seconds):
             sweep[cfg] = _time(kernel_fn(cfg), q, kk, ww)
         except Exception:
             continue
-        rows.append(_row(f"indexer_topk pallas [{cfg}]", _SWEEP_LEN.value, sweep[cfg], flops(_SWEEP_LEN.value),
-                         nbytes(_SWEEP_LEN.value)))
+        rows.append(_row(f"indexer_topk pallas {_index_label(cfg)}", _SWEEP_LEN.value, sweep[cfg],
+                         flops(_SWEEP_LEN.value), nbytes(_SWEEP_LEN.value)))
     if not sweep:
         return rows
     best = min(sweep, key=sweep.get)
+    # The fastest config of each kernel (grid, key-loop): both are timed at every length.
+    bests = {}
+    for cfg in sorted(sweep, key=sweep.get):
+        bests.setdefault(_index_tiles(cfg)["key_loop"], cfg)
+    if len(bests) == 2:
+        grid, loop = bests[False], bests[True]
+        print(f"indexer at T={_SWEEP_LEN.value}: key-loop [{loop}] {sweep[loop] * 1e3:.2f} ms vs grid [{grid}] "
+              f"{sweep[grid] * 1e3:.2f} ms: {'key-loop' if sweep[loop] < sweep[grid] else 'grid'} is faster "
+              f"({max(sweep[grid], sweep[loop]) / min(sweep[grid], sweep[loop]):.2f}x)", flush=True)
     reference = jax.jit(lambda q, kk, ww: indexer_topk_reference(q, kk, ww, topk=k))
     for t in (int(x) for x in _SEQ_LENS.value):
         q, kk, ww = inputs(t)
-        seconds = _time(kernel_fn(best), q, kk, ww)
-        rows.append(_row(f"indexer_topk pallas [{best}]", t, seconds, flops(t), nbytes(t)))
+        seconds = {cfg: _time(kernel_fn(cfg), q, kk, ww) for cfg in bests.values()}
+        rows += [_row(f"indexer_topk pallas {_index_label(cfg)}", t, sec, flops(t), nbytes(t))
+                 for cfg, sec in seconds.items()]
+        seconds = min(seconds.values())
         # FP8 e4m3 q and k (V3.2's indexer inputs; unit key scales): the same kernel on Hopper's fp8 MMA.
         q8, k8 = q.astype(jnp.float8_e4m3fn), kk.astype(jnp.float8_e4m3fn)
-        rows.append(_row(f"indexer_topk pallas fp8 [{best}]", t, _time(kernel_fn(best), q8, k8, ww), flops(t),
-                         nbytes(t) - (t * h * d + t * d)))
+        rows.append(_row(f"indexer_topk pallas fp8 {_index_label(best)}", t, _time(kernel_fn(best), q8, k8, ww),
+                         flops(t), nbytes(t) - (t * h * d + t * d)))
         del q8, k8
         if t <= _MAX_REF.value:
             rows.append(_row("indexer_topk xla reference", t, _time(reference, q, kk, ww), flops(t), nbytes(t)))

@@ -53,7 +53,8 @@ def key_loop_case(dtype):
     return lambda q, k, w, ks: indexer_topk_triton(q, k, w, topk=K, k_scale=ks, key_loop=True), args
 
 
-KERNELS |= {"indexer_topk_key_loop": key_loop_case(jnp.bfloat16), "indexer_topk_key_loop_fp8": key_loop_case(jnp.float8_e4m3fn)}
+KERNELS |= {"indexer_topk_key_loop": key_loop_case(jnp.bfloat16),
+            "indexer_topk_key_loop_fp8": key_loop_case(jnp.float8_e4m3fn)}
 
 
 def decode_case(t, dtype, layers=2):
