@@ -1,0 +1,54 @@
+"""The benchmark binaries run end to end on tiny sizes (kernels in Pallas interpret mode), so a GPU
+session's few minutes are never spent on a broken script. Timings here mean nothing; the checks
+are that every part ran, wrote its rows and agreed with its reference."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).parents[2]
+KERNELS = ["--interpret", "--seq_lens=128", "--sweep_len=128", "--topk=32", "--heads=16", "--v_dim=32",
+           "--rope_dim=16", "--configs=16:16:4:1", "--max_reference_len=128", "--repeats=1",
+           "--bwd_configs=16:16:4:1", "--bwd_len=128", "--max_reference_bwd_len=128", "--index_heads=4",
+           "--index_dim=16", "--index_configs=4:16:4:1,4:16:4:1:loop", "--index_chunk=64", "--decode_batch=2",
+           "--decode_len=256", "--decode_configs=64:4", "--decode_mla_configs=16:16:4:1,16:16:4:2"]
+
+
+def _run(module, out, *flags):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", module, f"--out={out}", *flags], check=False, cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out) as f:
+        return json.load(f), proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_kernels_every_part(tmp_path):
+    result, stdout = _run("experiments.bench_kernels", tmp_path / "kernels.json", *KERNELS)
+    names = [r["kernel"] for r in result["rows"]]
+    for prefix in ("decode indexer pallas", "decode old: xla reference", "decode sparse_mla pallas [16:16:4:2]",
+                   "decode sparse_mla old: gather + prefill kernel", "sparse_mla pallas", "sparse_mla xla reference",
+                   "dense causal MHA", "indexer_topk pallas grid", "indexer_topk pallas key-loop",
+                   "indexer_topk xla reference", "indexer + sparse_mla (pallas)", "sparse_mla bwd pallas"):
+        assert any(n.startswith(prefix) for n in names), (prefix, names)
+    assert all(r["ms"] > 0 for r in result["rows"])
+    # every indexer variant selected the reference's keys; the attention kernels stayed within bf16 error
+    agreements = [line for line in stdout.splitlines() if "agreement with the reference's index sets" in line]
+    assert len(agreements) == 5 and all(line.endswith("1.0000") for line in agreements), agreements
+    assert all(err < 0.05 for err in result["check"].values())
+
+
+@pytest.mark.parametrize("module, flags, key", [
+    ("experiments.bench_attention", ["--preset=tiny", "--seq_lens=64,128", "--topk=16"], "rows"),
+    ("experiments.bench_decode", ["--preset=tiny", "--layers=2", "--heads=4", "--kv_lora_rank=32", "--index_heads=4",
+                                  "--topk=16", "--contexts=64,128", "--steps=1", "--warmup=1", "--hf_preset=",
+                                  "--plot="], "decode"),
+])
+def test_model_benchmarks(tmp_path, module, flags, key):
+    result, _ = _run(module, tmp_path / "out.json", *flags)
+    assert len(result[key]) >= 2
