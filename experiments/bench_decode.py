@@ -13,8 +13,8 @@ tokens/s of `generate` against transformers' `DeepseekV32ForCausalLM.generate`.
              only its --topk rows: the attention part stays flat once C > topk.
      dense : `decode_step(attention="dense")` - absorbed attention over all C cached rows
              (V3.1-style MLA decode); grows linearly with C.
-   Each (C, mode) is compiled once, warmed up --warmup steps, then --steps steps are timed one
-   by one (`block_until_ready`); the median is reported.
+   Each (C, mode) is compiled by one untimed step, warmed up --warmup more, then --steps steps
+   are timed one by one (`block_until_ready`); the median is reported.
 
 2. Tokens/s against transformers. The --hf_preset model (default "tiny", float32; transformers
    ignores its MTP layer) gets random weights, is written with `save_hf` and loaded by
@@ -63,7 +63,7 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute
 _CONTEXTS = flags.DEFINE_list("contexts", ["1024", "2048", "4096", "8192", "16384", "32768"], "cached tokens C")
 _BATCH = flags.DEFINE_integer("batch", 1, "sequences per decode step")
 _STEPS = flags.DEFINE_integer("steps", 8, "timed decode steps per (context, mode)")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "untimed decode steps after compiling")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "untimed decode steps after the compiling one")
 _HF_PRESET = flags.DEFINE_string("hf_preset", "tiny", "preset of the transformers comparison ('' skips it)")
 _HF_BATCH = flags.DEFINE_integer("hf_batch", 1, "prompts in the transformers comparison")
 _HF_PROMPT = flags.DEFINE_integer("hf_prompt_len", 32, "prompt tokens in the transformers comparison")
@@ -94,7 +94,8 @@ def _filled_cache(cfg, batch, context, max_len, key):
 
 def _time_decode(params, cfg, context, mode, key):
     """Median ms of one decode step with `context` tokens cached."""
-    steps, warmup, batch = _STEPS.value, _WARMUP.value, _BATCH.value
+    steps, batch = _STEPS.value, _BATCH.value
+    warmup = 1 + _WARMUP.value  # the first step compiles: never timed, whatever --warmup says
     max_len = -(-(context + steps + warmup) // 256) * 256
     cache = _filled_cache(cfg, batch, context, max_len, key)
     tokens = jax.random.randint(key, (batch,), 0, cfg.vocab_size, jnp.int32)
