@@ -66,6 +66,7 @@ from pallas_kernels.indexer.triton_decode import (
     indexer_topk_decode_triton,
 )
 from pallas_kernels.sparse_mla.reference import (
+    gather_decode_rows,
     sparse_mla_decode_reference,
     sparse_mla_reference,
 )
@@ -241,10 +242,9 @@ def _indexer(sparse_seconds):
     reference = jax.jit(lambda q, kk, ww: indexer_topk_reference(q, kk, ww, topk=k))
     for t in (int(x) for x in _SEQ_LENS.value):
         q, kk, ww = inputs(t)
-        seconds = {cfg: _time(kernel_fn(cfg), q, kk, ww) for cfg in bests.values()}
+        per_kernel = {cfg: _time(kernel_fn(cfg), q, kk, ww) for cfg in bests.values()}
         rows += [_row(f"indexer_topk pallas {_index_label(cfg)}", t, sec, flops(t), nbytes(t))
-                 for cfg, sec in seconds.items()]
-        seconds = min(seconds.values())
+                 for cfg, sec in per_kernel.items()]
         # FP8 e4m3 q and k (V3.2's indexer inputs; unit key scales): the same kernel on Hopper's fp8 MMA.
         q8, k8 = q.astype(jnp.float8_e4m3fn), kk.astype(jnp.float8_e4m3fn)
         rows.append(_row(f"indexer_topk pallas fp8 {_index_label(best)}", t, _time(kernel_fn(best), q8, k8, ww),
@@ -253,7 +253,8 @@ def _indexer(sparse_seconds):
         if t <= _MAX_REF.value:
             rows.append(_row("indexer_topk xla reference", t, _time(reference, q, kk, ww), flops(t), nbytes(t)))
         if t in sparse_seconds:
-            rows.append(_row("indexer + sparse_mla (pallas)", t, seconds + sparse_seconds[t], flops(t), nbytes(t)))
+            rows.append(_row("indexer + sparse_mla (pallas)", t, min(per_kernel.values()) + sparse_seconds[t], flops(t),
+                             nbytes(t)))
         rows += _indexer_split(t, q, kk, ww, best)
     return rows
 
@@ -325,12 +326,13 @@ def _decode():
 
 
 def _decode_attention(scale, v):
-    """Decode sparse MLA rows: the kernel on the last layer of a stacked latent cache [L, B, S, D], against the old path.
+    """Decode sparse MLA rows: the kernel on the last layer of a stacked latent cache [L, B, S, D], against the
+    old path.
 
     Each query selects k unique rows, one drawn at random from each of k equal strata of [0, S)
     (all valid). Bytes = B·T·k·D·2 (the rows, each read once) + q (B·T·H·D·2) + out (B·T·H·V·2);
-    FLOPs = 2·B·T·k·H·(D + V) (FlashMLA's count). Baselines: the old path (`cache.gather_kv`'s XLA
-    gather into [B, T·k, D], then `sparse_mla_fwd`, the prefill Triton kernel, over local indices:
+    FLOPs = 2·B·T·k·H·(D + V) (FlashMLA's count). Baselines: the old path (an XLA gather of the rows
+    into [B, T·k, D], `gather_decode_rows`, then `sparse_mla_fwd`, the prefill Triton kernel, over them:
     what cached_mla_attention ran before `ops.sparse_mla_decode`) and the XLA reference. Before
     timing, each tile's output is compared with the reference's on the device (max abs error; bf16).
     """
@@ -364,10 +366,8 @@ def _decode_attention(scale, v):
 
     @jax.jit
     def old_path(q, kv, layer, idx):
-        rows = kv[layer, jnp.arange(b)[:, None, None], idx].reshape(b, t * k, d)
-        local = jnp.arange(t, dtype=jnp.int32)[:, None] * k + jnp.arange(k, dtype=jnp.int32)
-        return sparse_mla_fwd(q, rows, jnp.broadcast_to(local, (b, t, k)), scale=scale, v_dim=v,
-                              interpret=_INTERPRET.value)[0]
+        rows, local = gather_decode_rows(kv, layer, idx)
+        return sparse_mla_fwd(q, rows, local, scale=scale, v_dim=v, interpret=_INTERPRET.value)[0]
 
     want = reference(*args).astype(jnp.float32)
     rows, errors = [], {}

@@ -37,14 +37,17 @@ def sparse_mla_reference(q, kv, indices, *, scale, v_dim=512, chunk_size=256):
     return map_query_chunks(chunk, chunk_size, q, indices)
 
 
-def sparse_mla_decode_reference(q, kv_cache, layer, indices, *, scale, v_dim=512):
-    """`sparse_mla_reference` of q [B, T, H, D] over kv_cache[layer] ([L, B, S, D]) -> [B, T, H, v_dim].
-
-    Gathers the rows [B, T·K, D] (query t's at t·K .. t·K + K - 1; -1 reads row 0, masked) and
-    attends over them with local indices: O(T·K) rows, no copy of the layer.
-    """
+def gather_decode_rows(kv_cache, layer, indices):
+    """(rows [B, T·K, D], local indices [B, T, K]) of the selected rows of kv_cache[layer] ([L, B, S, D]):
+    query t's rows sit at t·K .. t·K + K - 1 (-1 reads row 0 and stays -1). O(T·K) rows, no copy of the layer."""
     b, t, k = indices.shape
     batch = jnp.arange(b)[:, None, None]
     rows = kv_cache[layer, batch, jnp.maximum(indices, 0)].reshape(b, t * k, -1)
     local = jnp.where(indices >= 0, jnp.arange(t, dtype=jnp.int32)[:, None] * k + jnp.arange(k, dtype=jnp.int32), -1)
-    return sparse_mla_reference(q, rows, local, scale=scale, v_dim=v_dim)
+    return rows, local
+
+
+def sparse_mla_decode_reference(q, kv_cache, layer, indices, *, scale, v_dim=512):
+    """`sparse_mla_reference` of q [B, T, H, D] over kv_cache[layer] ([L, B, S, D]) -> [B, T, H, v_dim],
+    on the gathered rows (`gather_decode_rows`)."""
+    return sparse_mla_reference(q, *gather_decode_rows(kv_cache, layer, indices), scale=scale, v_dim=v_dim)
