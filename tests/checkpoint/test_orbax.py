@@ -112,7 +112,7 @@ def test_restore_onto_a_mesh_reshards(model, run):
 
 
 _KILLED_SAVE = textwrap.dedent("""
-    import os, signal, sys, time
+    import os, signal, sys
     import numpy as np
     from deepseek_jax.checkpoint.orbax import CheckpointManager
 
@@ -120,17 +120,24 @@ _KILLED_SAVE = textwrap.dedent("""
     manager = CheckpointManager(directory)
     manager.save(1, params={"w": np.arange(12, dtype=np.float32).reshape(3, 4)}, data_state={"position": 1})
     manager.wait_until_finished()
-    rng = np.random.default_rng(0)  # random: incompressible, so the write takes a while
-    big = {f"w{i}": rng.standard_normal((2048, 4096), dtype=np.float32) for i in range(8)}  # 256 MiB
-    manager.save(2, params=big, data_state={"position": 2})
-    # Kill once step 2 has array data on disk but is not committed.
-    tmp = os.path.join(directory, "2.orbax-checkpoint-tmp")
-    while not os.path.exists(os.path.join(directory, "2")):
-        written = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(tmp) for f in files)
-        if written > 1 << 20:
+
+    # Die at the worst moment: every array of step 2 is on disk, the commit rename not yet done.
+    # (Killing on a timer raced the background writer: a fast disk committed first.)
+    rename = os.rename
+    def killing_rename(src, dst, *args, **kwargs):
+        if os.path.basename(os.fspath(src)).startswith("2.orbax-checkpoint-tmp"):
+            written = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(src) for f in files)
+            if written < 1 << 20:
+                sys.exit(f"only {written} bytes of step 2 on disk at its commit")
             os.kill(os.getpid(), signal.SIGKILL)
-        time.sleep(0.005)
-    sys.exit("step 2 was committed before the kill: make the payload bigger")
+        return rename(src, dst, *args, **kwargs)
+    os.rename = killing_rename
+
+    rng = np.random.default_rng(0)  # random: incompressible
+    manager.save(2, params={f"w{i}": rng.standard_normal((512, 1024), dtype=np.float32) for i in range(4)},
+                 data_state={"position": 2})  # 8 MiB
+    manager.wait_until_finished()
+    sys.exit("step 2 was committed: the kill before its rename never happened")
 """)
 
 
