@@ -13,7 +13,9 @@ indexer_topk (V3.2: 64 heads x 128, bf16 q/k, fp32 head weights): the scores ker
 chunked top-k, each --index_configs tile at --sweep_len, then at every length the best grid
 config and the best key-loop config (a config ending in ":loop": `key_loop=True`, one program
 per query tile looping over the key blocks; rows labelled "grid" / "key-loop", and the sweep
-prints which is faster), the overall best in fp8,
+prints which is faster), the overall best in fp8 and, as the baseline of the causal runs
+(`segments`: each run of query chunks scored against only the keys its last query sees), the
+overall best with segments=1 (every chunk against all T keys),
 against the XLA reference up to --max_reference_len; FLOPs = 2·(causal pairs)·H_I·D_I (the QK
 matmul only, as DeepGEMM counts), and a row "indexer + sparse_mla" summing both kernels.
 The split, per query chunk (the last chunk of --index_chunk queries, which sees all T keys):
@@ -199,9 +201,10 @@ def _indexer(sparse_seconds):
         return (jax.random.normal(kq, (1, t, h, d), jnp.bfloat16), jax.random.normal(kk, (1, t, d), jnp.bfloat16),
                 jax.random.normal(kw, (1, t, h), jnp.float32))
 
-    def kernel_fn(cfg):
+    def kernel_fn(cfg, segments=8):
         tiles = _index_tiles(cfg)
-        return jax.jit(lambda q, kk, ww: indexer_topk_triton(q, kk, ww, topk=k, interpret=_INTERPRET.value, **tiles))
+        return jax.jit(lambda q, kk, ww: indexer_topk_triton(q, kk, ww, topk=k, segments=segments,
+                                                             interpret=_INTERPRET.value, **tiles))
 
     flops = lambda t: 2 * (t * (t + 1) // 2) * h * d
     nbytes = lambda t: t * h * d * 2 + t * d * 2 + t * k * 4
@@ -245,6 +248,11 @@ def _indexer(sparse_seconds):
         per_kernel = {cfg: _time(kernel_fn(cfg), q, kk, ww) for cfg in bests.values()}
         rows += [_row(f"indexer_topk pallas {_index_label(cfg)}", t, sec, flops(t), nbytes(t))
                  for cfg, sec in per_kernel.items()]
+        # The baseline of the causal runs: every chunk scored and top-k'd against all T keys.
+        one_run = _time(kernel_fn(best, segments=1), q, kk, ww)
+        rows.append(_row(f"indexer_topk pallas 1 run {_index_label(best)}", t, one_run, flops(t), nbytes(t)))
+        print(f"indexer at T={t}: causal runs {one_run / per_kernel[best]:.2f}x "
+              "faster than 1 run", flush=True)
         # FP8 e4m3 q and k (V3.2's indexer inputs; unit key scales): the same kernel on Hopper's fp8 MMA.
         q8, k8 = q.astype(jnp.float8_e4m3fn), kk.astype(jnp.float8_e4m3fn)
         rows.append(_row(f"indexer_topk pallas fp8 {_index_label(best)}", t, _time(kernel_fn(best), q8, k8, ww),

@@ -4,10 +4,14 @@ The kernel computes, for a block of `block_t` queries against a block of `block_
 I[t, s] = k_scale[s] · Σ_h w[t, h] · relu(q[t, h] · k[s]) in float32 (one [block_t·H, D] x
 [D, block_s] matmul, ReLU, a weighted head sum), writing -inf outside s <= t + q_offset and
 s < k_len. q and k may be bf16, fp32 or FP8 e4m3 (Hopper's fp8 MMA; the per-key scale comes in
-as k_scale and q's is folded into w by the caller). `indexer_topk_triton` runs it over chunks of `chunk_size` queries and selects each
-chunk's top-k with `pallas_kernels.topk.select_topk` (radix select, no sort; the same set as
+as k_scale and q's is folded into w by the caller). `indexer_topk_triton` runs it over chunks of
+`chunk_size` queries and selects each chunk's top-k with `pallas_kernels.topk.select_topk` (radix select, no sort; the same set as
 `lax.top_k`, lowest index first on ties, listed by ascending index), so memory is
-O(chunk_size · S), never [T, S]. Reference: `pallas_kernels/indexer/reference.py`.
+O(chunk_size · S), never [T, S]. Causal queries run in up to `segments` runs of whole chunks
+(`chunking.causal_segments`), each against only the keys its last query sees: at T = S and 8
+runs the scores grid, the scores written and the rows top-k reads are 56 % of T x S (the
+grid kernel's causal no-op programs and the top-k's reads of -inf columns were the rest).
+Reference: `pallas_kernels/indexer/reference.py`.
 
 JAX's Triton lowering addresses an operand with 32-bit signed element offsets unless it exceeds
 4 GiB, which a 1-byte (fp8) operand of 2^31-2^32 elements overflows (`pallas_kernels/tiles.py`):
@@ -23,7 +27,8 @@ Measured on an H200 (V3.2: 64 heads x 128, k=2048, bf16) with `lax.top_k` per ch
 run took 509 ms at 64K, most of it in the sort-based `lax.top_k` (2.7 ms per [512, 64K] chunk).
 With `select_topk` (0.5 ms per chunk): 22.1 ms at 16K and 265 ms at 64K (259 ms with
 chunk_size=1024), now mostly the scores kernel (target: 60 ms). experiments/bench_kernels.py
-times scores and top-k apart.
+times scores and top-k apart. All those runs scored every chunk against all S keys (one run,
+now `segments=1`); the causal runs are not yet timed on a GPU (the benchmark times both).
 
 Two kernels compute the same tiles (`_score_tile`, so the scores are bitwise equal):
 - the grid kernel (default): grid (B, Tp/block_t, Sp/block_s), one tile per program. With the
@@ -51,7 +56,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.chunking import map_chunks, map_query_chunks
+from pallas_kernels.chunking import causal_segments, map_chunks, map_query_chunks
 from pallas_kernels.tiles import next_pow2, rows_per_call
 from pallas_kernels.topk import select_topk
 
@@ -173,27 +178,39 @@ def indexer_scores_triton(q, k, w, k_scale, k_len, positions, *, q_offset=0, blo
     return out[:, :tc, :s]
 
 
-def indexer_topk_triton(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, chunk_size=512, interpret=False,
-                        block_t=BLOCK_T, block_s=BLOCK_S, key_loop=False, **tiles):
+def indexer_topk_triton(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, chunk_size=512, segments=8,
+                        interpret=False, block_t=BLOCK_T, block_s=BLOCK_S, key_loop=False, **tiles):
     """Same contract as `indexer_topk_reference` (int32 [B, T, topk], -1 for empty slots), indices ascending.
 
+    segments: the queries run in up to this many causal runs (`chunking.causal_segments`), each
+    scored and top-k'd against only the keys its last query sees (1: every chunk against the keys
+    of the last query, min(S, T + q_offset)).
     key_loop: score with the key-loop kernel (`indexer_scores_triton`); tiles: its num_warps, num_stages.
     """
     b, t = q.shape[:2]
     s = k.shape[1]
     k_len = jnp.full((b,), s, jnp.int32) if k_len is None else jnp.minimum(jnp.asarray(k_len, jnp.int32), s)
     k_scale = jnp.ones((b, s), jnp.float32) if k_scale is None else k_scale
-    # All B rows per kernel call unless an fp8 operand of 2-4 GiB would be mis-addressed (module docstring).
-    group = rows_per_call(b, _row_operands(q, k, min(chunk_size, t), block_t, block_s), "indexer_topk_triton")
 
-    def batch_rows(rows, k, k_scale, k_len):  # rows [G]: the batch rows of this group, k... sliced to them
-        def chunk(positions, q_c, w_c):
-            # The group's rows of the query chunk: XLA folds this slice into the chunk's (one copy of [G, Tc, ...]).
-            q_c, w_c = (jax.lax.dynamic_slice_in_dim(x, rows[0], rows.shape[0]) for x in (q_c, w_c))
-            scores = indexer_scores_triton(q_c, k, w_c, k_scale, k_len, positions, q_offset=q_offset, block_t=block_t,
-                                           block_s=block_s, key_loop=key_loop, interpret=interpret, **tiles)
-            return select_topk(scores, topk)  # masked scores are -inf: never selected, -1 past the valid keys
+    def run(start, stop, width):
+        q_r, w_r = q[:, start:stop], w[:, start:stop]
+        k_r, k_scale_r, k_len_r = k[:, :width], k_scale[:, :width], jnp.minimum(k_len, width)
+        # All B rows per kernel call unless an fp8 operand of 2-4 GiB would be mis-addressed (module docstring).
+        group = rows_per_call(b, _row_operands(q_r, k_r, min(chunk_size, stop - start), block_t, block_s),
+                              "indexer_topk_triton")
 
-        return map_query_chunks(chunk, chunk_size, q, w)
+        def batch_rows(rows, k, k_scale, k_len):  # rows [G]: the batch rows of this group, k... sliced to them
+            def chunk(positions, q_c, w_c):
+                # The group's rows of the query chunk: XLA folds this slice into the chunk's (one copy of [G, Tc, ...]).
+                q_c, w_c = (jax.lax.dynamic_slice_in_dim(x, rows[0], rows.shape[0]) for x in (q_c, w_c))
+                scores = indexer_scores_triton(q_c, k, w_c, k_scale, k_len, start + positions, q_offset=q_offset,
+                                               block_t=block_t, block_s=block_s, key_loop=key_loop,
+                                               interpret=interpret, **tiles)
+                return select_topk(scores, topk)  # masked scores are -inf: never selected, -1 past the valid keys
 
-    return map_chunks(batch_rows, group, k, k_scale, k_len, axis=0)
+            return map_query_chunks(chunk, chunk_size, q_r, w_r)
+
+        return map_chunks(batch_rows, group, k_r, k_scale_r, k_len_r, axis=0)
+
+    runs = causal_segments(t, s, chunk_size, segments, q_offset)
+    return jnp.concatenate([run(*r) for r in runs], axis=1) if len(runs) > 1 else run(*runs[0])

@@ -33,7 +33,7 @@ def test_bench_kernels_every_part(tmp_path):
     names = [r["kernel"] for r in result["rows"]]
     for prefix in ("decode indexer pallas", "decode old: xla reference", "decode sparse_mla pallas [16:16:4:2]",
                    "decode sparse_mla old: gather + prefill kernel", "sparse_mla pallas", "sparse_mla xla reference",
-                   "dense causal MHA", "indexer_topk pallas grid", "indexer_topk pallas key-loop",
+                   "dense causal MHA", "indexer_topk pallas grid", "indexer_topk pallas key-loop", "indexer_topk pallas 1 run",
                    "indexer_topk xla reference", "indexer + sparse_mla (pallas)", "sparse_mla bwd pallas"):
         assert any(n.startswith(prefix) for n in names), (prefix, names)
     assert all(r["ms"] > 0 for r in result["rows"])

@@ -1,10 +1,13 @@
 """The indexer-scores Pallas kernel + chunked top-k (interpret mode on CPU) equals the reference."""
 
+import itertools
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels import ops, tiles
+from pallas_kernels.chunking import causal_segments
 from pallas_kernels.indexer import triton
 from pallas_kernels.indexer.reference import indexer_scores, indexer_topk_reference
 from pallas_kernels.indexer.triton import indexer_topk_triton
@@ -57,6 +60,36 @@ def test_topk_matches_reference(b, t, s, h, d, topk, q_offset, k_len, chunk, dty
     assert ascending_then_padding(np.asarray(got))
 
 
+def test_causal_segments():
+    """Runs of whole chunks covering [0, T), each with the keys its last query sees; equal widths merged."""
+    assert causal_segments(64, 64, 8, 4) == [(0, 16, 16), (16, 32, 32), (32, 48, 48), (48, 64, 64)]
+    assert causal_segments(19, 19, 8, 8) == [(0, 8, 8), (8, 16, 16), (16, 19, 19)]  # 3 chunks: at most 3 runs
+    assert causal_segments(64, 40, 8, 4) == [(0, 16, 16), (16, 32, 32), (32, 64, 40)]  # S < T: widths cap at S
+    assert causal_segments(64, 64, 8, 4, q_offset=20) == [(0, 16, 36), (16, 32, 52), (32, 64, 64)]
+    assert causal_segments(8, 100, 8, 4, q_offset=99) == [(0, 8, 100)]  # decode-style: one run of all keys
+    assert causal_segments(64, 64, 8, 1) == [(0, 64, 64)]
+    assert causal_segments(4, 64, 8, 4, q_offset=-10) == [(0, 4, 1)]  # no visible key: width 1, all masked
+    for t, s, chunk, g, off in [(1000, 900, 64, 8, 3), (77, 200, 5, 6, 50), (513, 513, 512, 8, 0)]:
+        runs = causal_segments(t, s, chunk, g, off)
+        assert runs[0][0] == 0 and runs[-1][1] == t and all(a[1] == b[0] for a, b in itertools.pairwise(runs))
+        assert all(start % chunk == 0 and width == min(s, stop + off) for start, stop, width in runs)
+
+
+@pytest.mark.parametrize("segments", [1, 3, 8])
+def test_causal_runs_equal_one_run(segments):
+    """Scoring each causal run against only its keys gives the same indices as one run (every chunk against the
+    keys the last query sees), with q_offset, per-row k_len, a run narrower than topk (-1 padding) and a ragged last chunk."""
+    q, k, w, k_scale, kl = random_inputs(2, 45, 60, 4, 16, [60, 23], jnp.float32)
+    run = lambda segments, q_offset: np.asarray(indexer_topk_triton(
+        q, k, w, topk=10, k_scale=k_scale, q_offset=q_offset, k_len=kl, chunk_size=4, segments=segments,
+        interpret=True, block_t=4, block_s=16))
+    for q_offset in (0, 5):
+        want = indexer_topk_reference(q, k, w, topk=10, k_scale=k_scale, q_offset=q_offset, k_len=kl)
+        got = run(segments, q_offset)
+        assert same_selection(got, np.asarray(want), q, k, w, k_scale) and ascending_then_padding(got)
+        np.testing.assert_array_equal(got, run(1, q_offset))
+
+
 @pytest.mark.parametrize("impl", ["triton", "mosaic"])
 def test_exact_zero_ties_keep_the_lowest_index(impl):
     rng = np.random.default_rng(0)
@@ -88,7 +121,8 @@ def test_fp8_batch_groups_equal_one_call(monkeypatch, s, chunk, limit, group):
     """With the offset limit lowered (tiles.OFFSET_LIMIT) the batch runs in groups: same indices as one call."""
     q, k, w, k_scale, kl = random_inputs(3, 16, s, 4, 16, [s, 17, 29], jnp.float32)
     q8, k8 = q.astype(jnp.float8_e4m3fn), k.astype(jnp.float8_e4m3fn)
-    run = lambda: np.asarray(indexer_topk_triton(q8, k8, w, topk=6, k_scale=k_scale, q_offset=3, k_len=kl,
+    # q_offset = S: every query sees all S keys, so every call gets them (the sizes above).
+    run = lambda: np.asarray(indexer_topk_triton(q8, k8, w, topk=6, k_scale=k_scale, q_offset=s, k_len=kl,
                                                  chunk_size=chunk, interpret=True, block_t=4, block_s=16))
     want = run()
     rows = []

@@ -12,7 +12,8 @@ dynamic-slice of a layer appears in the module, except where an fp8 cache of 2-4
 fall back to a copy of the layer (32-bit offsets). The prefill indexer runs the batch in groups
 where an fp8 query chunk or k of 2-4 GiB would overflow them: no fp8 operand of a Triton call
 lies in that range. The prefill indexer's key-loop variant lowers at B = 1, a 512-query chunk,
-S = 64K keys (bf16 and fp8).
+S = 64K keys (bf16 and fp8). At T = S = 64K the prefill indexer calls its scores kernel once per
+causal run, each with only the keys that run sees.
 """
 
 import math
@@ -36,21 +37,22 @@ KERNELS = {
     "sparse_mla_fwd": (lambda *a: sparse_mla_triton.sparse_mla_fwd(*a, scale=576**-0.5, v_dim=512), (Q, KV, IDX)),
     "sparse_mla_bwd": (lambda *a: sparse_mla_triton.sparse_mla_bwd(*a, scale=576**-0.5, v_dim=512),
                        (Q, KV, IDX, OUT, LSE, OUT)),
-    # Scores kernel + select_topk (plain XLA) over one chunk of queries.
-    "indexer_topk": (lambda *a: indexer_topk_triton(*a, topk=K),
+    # Scores kernel + select_topk (plain XLA) over one chunk of queries, the last T of S (q_offset = S - T):
+    # they see all S keys.
+    "indexer_topk": (lambda *a: indexer_topk_triton(*a, topk=K, q_offset=S - T),
                      (sd((B, T, HI, DI), jnp.bfloat16), sd((B, S, DI), jnp.bfloat16), sd((B, T, HI), jnp.float32))),
-    "indexer_topk_fp8": (lambda q, k, w, ks: indexer_topk_triton(q, k, w, topk=K, k_scale=ks),
+    "indexer_topk_fp8": (lambda q, k, w, ks: indexer_topk_triton(q, k, w, topk=K, k_scale=ks, q_offset=S - T),
                          (sd((B, T, HI, DI), jnp.float8_e4m3fn), sd((B, S, DI), jnp.float8_e4m3fn),
                           sd((B, T, HI), jnp.float32), sd((B, S), jnp.float32))),
 }
 DB, DS = 64, 131072  # decode: sequences, cached keys
-PT, PS = 512, 65536  # prefill indexer: one chunk of queries (indexer_topk_triton's default) against S keys
+PT, PS = 512, 65536  # prefill indexer: the last chunk of queries (indexer_topk_triton's default) against S keys
 
 
 def key_loop_case(dtype):
     """The key-loop prefill indexer (one program per query tile, a traced-count loop over the key blocks)."""
     args = (sd((B, PT, HI, DI), dtype), sd((B, PS, DI), dtype), sd((B, PT, HI), jnp.float32), sd((B, PS), jnp.float32))
-    return lambda q, k, w, ks: indexer_topk_triton(q, k, w, topk=K, k_scale=ks, key_loop=True), args
+    return lambda q, k, w, ks: indexer_topk_triton(q, k, w, topk=K, k_scale=ks, q_offset=PS - PT, key_loop=True), args
 
 
 KERNELS |= {"indexer_topk_key_loop": key_loop_case(jnp.bfloat16),
@@ -86,6 +88,16 @@ def test_lowers_for_cuda(name):
         assert "dynamic_slice" not in module
 
 
+@pytest.mark.parametrize("key_loop", [False, True])
+def test_prefill_causal_runs_score_only_visible_keys(key_loop):
+    """T = S = 64K: 8 runs of query chunks, the scores kernel of each called with the keys its last query sees."""
+    args = (sd((B, PS, HI, DI), jnp.bfloat16), sd((B, PS, DI), jnp.bfloat16), sd((B, PS, HI), jnp.float32))
+    module = export_for_cuda(lambda q, k, w: indexer_topk_triton(q, k, w, topk=K, key_loop=key_loop), args).mlir_module()
+    widths = [int(m) for m in re.findall(r"tensor<1x(\d+)x128xbf16>", "".join(
+        line.rsplit("} : (", 1)[1].split(") ->")[0] for line in module.splitlines() if TRITON_CALL in line))]
+    assert widths == [PS // 8 * i for i in range(1, 9)]
+
+
 def test_decode_copies_the_layer_of_a_2_to_4_gib_fp8_cache():
     """3 fp8 layers at the decode shape: 3 GiB, addressed with 32-bit offsets, so the layer is sliced out."""
     module = export_for_cuda(*decode_case(1, jnp.float8_e4m3fn, layers=3)).mlir_module()
@@ -103,9 +115,10 @@ def fp8_operand_shapes(module):
 
 
 def prefill_fp8_case(b, t, s, key_loop=False):
+    """T queries after S - T cached tokens (q_offset = S - T): the last query sees all S keys."""
     args = (sd((b, t, HI, DI), jnp.float8_e4m3fn), sd((b, s, DI), jnp.float8_e4m3fn), sd((b, t, HI), jnp.float32),
             sd((b, s), jnp.float32))
-    return lambda q, k, w, ks: indexer_topk_triton(q, k, w, topk=K, k_scale=ks, key_loop=key_loop), args
+    return lambda q, k, w, ks: indexer_topk_triton(q, k, w, topk=K, k_scale=ks, q_offset=s - t, key_loop=key_loop), args
 
 
 @pytest.mark.parametrize("b, t, s, group", [
