@@ -24,7 +24,9 @@ select, what the kernel path runs) against `lax.top_k` (sort-based on GPU); GB/s
 read of the scores. The whole indexer runs T/chunk such chunks (earlier ones score fewer key
 blocks, but top-k always reads all T columns). Also printed: whether select_topk took its
 sampled path (else its exact fallback over the full rows) and that both select the same set.
-sparse_mla backward (dq, dkv with atomic adds), each --bwd_configs tile config at --bwd_len,
+sparse_mla backward (dq, dkv with atomic adds), each --bwd_configs tile config at --bwd_len (one
+kernel, dkv added per head block, or ":split": dq and dkv in two kernels, dkv summed over all heads
+before its one atomic add per row block),
 against `jax.vjp` of the XLA reference; backward FLOPs = 2·T·k·H·(3·Dqk + 2·Dv).
 Counting follows FlashMLA: sparse FLOPs = 2·T·k·H·(Dqk + Dv) (unused slots included), bytes =
 valid rows · Dqk · 2 + T·H·(Dqk + Dv)·2; dense causal FLOPs = T²·H·(192 + 128). Roofline
@@ -90,8 +92,10 @@ _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 790.0, "bf16 matmul peak for th
 _PEAK_GBS = flags.DEFINE_float("peak_gbs", 4300.0, "HBM bandwidth for the roofline fraction")
 _OUT = flags.DEFINE_string("out", "bench_kernels.json", "JSON output path")
 # 32:64 and 16:64 tiles exceed the H200's 227 KiB of shared memory in the backward kernel.
-_BWD_CONFIGS = flags.DEFINE_list("bwd_configs", ["16:32:4:2", "32:32:4:2", "32:32:8:2", "16:32:4:1"],
-                                  "backward tiles block_h:block_k:num_warps:num_stages, ...")
+_BWD_CONFIGS = flags.DEFINE_list("bwd_configs", ["16:32:4:2", "32:32:4:2", "32:32:8:2", "16:32:4:1", "32:32:8:2:split",
+                                                "64:32:8:2:split", "32:16:4:2:split"],
+                                  "backward tiles block_h:block_k:num_warps:num_stages[:split] (:split = dq and dkv "
+                                  "in two kernels, dkv summed over all heads before its atomic add), ...")
 _BWD_LEN = flags.DEFINE_integer("bwd_len", 16384, "length at which the backward kernel is timed")
 _MAX_REF_BWD = flags.DEFINE_integer("max_reference_bwd_len", 4096,
                                     "longest T for the reference VJP (it holds T·k gathered rows: 118 GiB at 16K)")
@@ -392,6 +396,15 @@ def _decode_attention(scale, v):
     return rows
 
 
+def _bwd_tiles(cfg):
+    """sparse_mla_bwd's tile keywords of a --bwd_configs entry block_h:block_k:num_warps:num_stages[:split]."""
+    fields = cfg.split(":")
+    if len(fields) not in (4, 5) or fields[4:] not in ([], ["split"]):
+        raise ValueError(f"--bwd_configs entry {cfg!r}: want block_h:block_k:num_warps:num_stages[:split]")
+    bh, bk, w, s = map(int, fields[:4])
+    return {"block_h": bh, "block_k": bk, "num_warps": w, "num_stages": s, "split_dkv": len(fields) == 5}
+
+
 def _backward(scale, v):
     """Checks the backward kernel against the reference VJP on the device, then times it."""
     rows = []
@@ -407,10 +420,8 @@ def _backward(scale, v):
                              q.astype(jnp.float32), kv.astype(jnp.float32))
             want = vjp(d_out.astype(jnp.float32))
         for cfg in _BWD_CONFIGS.value:
-            bh, bk, w, s = map(int, cfg.split(":"))
-            fn = jax.jit(lambda *a, bh=bh, bk=bk, w=w, s=s: sparse_mla_bwd(
-                *a, scale=scale, v_dim=v, block_h=bh, block_k=bk, num_warps=w, num_stages=s,
-                interpret=_INTERPRET.value))
+            fn = jax.jit(functools.partial(sparse_mla_bwd, scale=scale, v_dim=v, interpret=_INTERPRET.value,
+                                           **_bwd_tiles(cfg)))
             try:
                 if t == 1024:
                     got = fn(q, kv, idx, out, lse, d_out)

@@ -11,7 +11,10 @@ forms dS = P ⊙ (dO·Vᵀ − Δ) (Δ = rowsum(dO ⊙ O), precomputed), writes 
 adds each gathered row's gradient (scale·dSᵀq + Pᵀ dO on the latent part) into a float32 dkv
 with atomic adds: a row is shared by every query that selected it. (Interpret mode emulates the
 atomics with a scatter that counts a row repeated within one block once; the indexer never
-selects a key twice, and on the GPU the atomics are exact.)
+selects a key twice, and on the GPU the atomics are exact.) Those atomics bound it (H200,
+T=16K: ~43 TFLOP/s), so `split_dkv=True` moves dkv into a second kernel, one program per query,
+that sums each row block's gradient over all heads before adding it: H/block_h times fewer
+atomic adds for recomputing P and dS once more (not yet timed on a GPU).
 
 Triton wants power-of-two tiles of at least 16, so the wrapper pads the head, latent and RoPE
 dims (zeros change no dot product) and the top-k axis (with -1), and flattens the batch into
@@ -131,36 +134,56 @@ def sparse_mla_fwd(q, kv, indices, *, scale, v_dim, block_h=32, block_k=64, num_
     return out, lse.reshape(b, t, hp)[:, :, :h]
 
 
-def _bwd_kernel(idx_ref, qn_ref, qr_ref, do_ref, lse_ref, delta_ref, kvn_ref, kvr_ref, _dkvn_in, _dkvr_in,
-                dqn_ref, dqr_ref, dkvn_ref, dkvr_ref, *, scale, block_k, num_k_blocks):
+def _block_grads(qn, qr, do, lse, delta, kn, kr, used, scale):
+    """(p, ds) [Hb, bk] of one block of gathered rows: p recomputed from the saved lse (-inf: a query that
+    selected nothing, p = 0), ds = P ⊙ (dO·Vᵀ − Δ) · scale in the rows' dtype."""
+    finite = lse > -jnp.inf
+    s = (jnp.dot(qn, kn.T, preferred_element_type=jnp.float32)
+         + jnp.dot(qr, kr.T, preferred_element_type=jnp.float32)) * scale
+    p = jnp.where(used[None, :] & finite[:, None], jnp.exp(s - jnp.where(finite, lse, 0.0)[:, None]), 0.0)
+    dp = jnp.dot(do, kn.T, preferred_element_type=jnp.float32)
+    return p, (p * (dp - delta[:, None]) * scale).astype(kn.dtype)
+
+
+def _gather_block(idx_ref, kvn_ref, kvr_ref, i, block_k):
+    """(idx, used, latent rows, rope rows) of index block i (unused slots read row 0)."""
+    idx = idx_ref[pl.ds(i * block_k, block_k)]
+    used = idx >= 0
+    rows = jnp.where(used, idx, 0)
+    return idx, used, kvn_ref[rows, :], kvr_ref[rows, :]
+
+
+def _add_rows(dkvn_ref, dkvr_ref, idx, used, dkn, dkr):
+    """Atomically adds the row gradients dkn [bk, Vp], dkr [bk, Rp] into rows idx of the float32 dkv."""
+    # Unused slots add their (zero) rows into a spare last row rather than under a mask, and the
+    # indices are whole arrays: the forms interpret mode can also run.
+    target = jnp.where(used, idx, dkvn_ref.shape[0] - 1)
+    for ref, val in ((dkvn_ref, dkn), (dkvr_ref, dkr)):
+        cols = jnp.broadcast_to(jnp.arange(val.shape[1], dtype=jnp.int32)[None, :], val.shape)
+        plgpu.atomic_add(ref, (jnp.broadcast_to(target[:, None], val.shape), cols), val)
+
+
+def _bwd_kernel(idx_ref, qn_ref, qr_ref, do_ref, lse_ref, delta_ref, kvn_ref, kvr_ref, *refs, scale, block_k,
+                num_k_blocks, with_dkv):
+    """Grid (query, head block): dq of the block's heads and, with_dkv, their share of each row's dkv."""
+    if with_dkv:
+        _, _, dqn_ref, dqr_ref, dkvn_ref, dkvr_ref = refs  # the first two alias the dkv outputs
+    else:
+        dqn_ref, dqr_ref = refs
     qn, qr, do = qn_ref[...], qr_ref[...], do_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
-    finite = lse > -jnp.inf
-    lse = jnp.where(finite, lse, 0.0)
 
     def body(i, carry):
         dqn, dqr = carry
-        idx = idx_ref[pl.ds(i * block_k, block_k)]
-        used = idx >= 0
-        rows = jnp.where(used, idx, 0)
-        kn, kr = kvn_ref[rows, :], kvr_ref[rows, :]
-        s = (jnp.dot(qn, kn.T, preferred_element_type=jnp.float32)
-             + jnp.dot(qr, kr.T, preferred_element_type=jnp.float32)) * scale
-        p = jnp.where(used[None, :] & finite[:, None], jnp.exp(s - lse[:, None]), 0.0)  # [Hb, bk]
-        dp = jnp.dot(do, kn.T, preferred_element_type=jnp.float32)
-        ds = (p * (dp - delta[:, None]) * scale).astype(kn.dtype)
-        dqn = dqn + jnp.dot(ds, kn, preferred_element_type=jnp.float32)
-        dqr = dqr + jnp.dot(ds, kr, preferred_element_type=jnp.float32)
-        dkn = (jnp.dot(ds.T, qn, preferred_element_type=jnp.float32)
-               + jnp.dot(p.astype(do.dtype).T, do, preferred_element_type=jnp.float32))
-        dkr = jnp.dot(ds.T, qr, preferred_element_type=jnp.float32)
-        # Unused slots add their (zero) rows into a spare last row rather than under a mask, and
-        # the indices are whole arrays: the forms interpret mode can also run.
-        target = jnp.where(used, idx, dkvn_ref.shape[0] - 1)
-        for ref, val in ((dkvn_ref, dkn), (dkvr_ref, dkr)):
-            cols = jnp.broadcast_to(jnp.arange(val.shape[1], dtype=jnp.int32)[None, :], val.shape)
-            plgpu.atomic_add(ref, (jnp.broadcast_to(target[:, None], val.shape), cols), val)
-        return dqn, dqr
+        idx, used, kn, kr = _gather_block(idx_ref, kvn_ref, kvr_ref, i, block_k)
+        p, ds = _block_grads(qn, qr, do, lse, delta, kn, kr, used, scale)
+        if with_dkv:
+            _add_rows(dkvn_ref, dkvr_ref, idx, used,
+                      jnp.dot(ds.T, qn, preferred_element_type=jnp.float32)
+                      + jnp.dot(p.astype(do.dtype).T, do, preferred_element_type=jnp.float32),
+                      jnp.dot(ds.T, qr, preferred_element_type=jnp.float32))
+        return (dqn + jnp.dot(ds, kn, preferred_element_type=jnp.float32),
+                dqr + jnp.dot(ds, kr, preferred_element_type=jnp.float32))
 
     init = (jnp.zeros(qn.shape, jnp.float32), jnp.zeros(qr.shape, jnp.float32))
     dqn, dqr = jax.lax.fori_loop(0, num_k_blocks, body, init)
@@ -168,15 +191,41 @@ def _bwd_kernel(idx_ref, qn_ref, qr_ref, do_ref, lse_ref, delta_ref, kvn_ref, kv
     dqr_ref[...] = dqr.astype(dqr_ref.dtype)
 
 
+def _bwd_dkv_kernel(idx_ref, qn_ref, qr_ref, do_ref, lse_ref, delta_ref, kvn_ref, kvr_ref, _dkvn_in, _dkvr_in,
+                    dkvn_ref, dkvr_ref, *, scale, block_h, block_k, num_k_blocks):
+    """Grid (query,): each block of rows' dkv summed over all heads, block_h at a time, then one atomic add."""
+    heads = qn_ref.shape[0]
+
+    def body(i, carry):
+        idx, used, kn, kr = _gather_block(idx_ref, kvn_ref, kvr_ref, i, block_k)
+        dkn = jnp.zeros(kn.shape, jnp.float32)
+        dkr = jnp.zeros(kr.shape, jnp.float32)
+        for first in range(0, heads, block_h):  # static: q, dO, lse, Δ of each head block re-read (L1/L2)
+            hs = pl.ds(first, block_h)
+            qn, qr, do = qn_ref[hs, :], qr_ref[hs, :], do_ref[hs, :]
+            p, ds = _block_grads(qn, qr, do, lse_ref[hs], delta_ref[hs], kn, kr, used, scale)
+            dkn += (jnp.dot(ds.T, qn, preferred_element_type=jnp.float32)
+                    + jnp.dot(p.astype(do.dtype).T, do, preferred_element_type=jnp.float32))
+            dkr += jnp.dot(ds.T, qr, preferred_element_type=jnp.float32)
+        _add_rows(dkvn_ref, dkvr_ref, idx, used, dkn, dkr)
+        return carry
+
+    jax.lax.fori_loop(0, num_k_blocks, body, 0)
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "v_dim", "block_h", "block_k", "num_warps", "num_stages",
-                                             "interpret"))
+                                             "split_dkv", "interpret"))
 def sparse_mla_bwd(q, kv, indices, out, lse, d_out, *, scale, v_dim, block_h=32, block_k=32, num_warps=8,
-                   num_stages=2, interpret=False):
+                   num_stages=2, split_dkv=False, interpret=False):
     """Gradients (dq [B,T,H,D] in q's dtype, dkv [B,S,D] in kv's dtype) of `sparse_mla_fwd`'s output.
 
     Default tiles: the fastest of those that fit an H200's shared memory (64-row tiles do not).
     Measured there at V3.2 shapes, T=16K: 546 ms, ~43 TFLOP/s, bound by the float32 atomic adds
-    of every (query, head block) into the shared rows; the planned fix reduces per key instead.
+    of every (query, head block) into the shared rows.
+    split_dkv: two kernels instead. The first, grid (query, head block), writes dq only; the second,
+    grid (query,), sums each block of rows' gradient over all heads (a static loop over head blocks,
+    recomputing P and dS) and adds it once: H/block_h times fewer atomic adds (4x at H = 128,
+    block_h = 32) for ~40 % more matmul work (P and dS are computed twice). Not yet timed on a GPU.
     """
     qn, qr, kvn, kvr, rows, dims = _layout(q, kv, indices, v_dim, block_h, block_k)
     b, t, h, s, hp, vp, rp, kp, block_h = (dims[n] for n in ("b", "t", "h", "s", "hp", "vp", "rp", "kp", "block_h"))
@@ -185,26 +234,50 @@ def sparse_mla_bwd(q, kv, indices, out, lse, d_out, *, scale, v_dim, block_h=32,
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # Δ = rowsum(dO ⊙ O)
     delta = pad_heads(delta).reshape(b * t, hp)
     lse = jnp.pad(lse, ((0, 0), (0, 0), (0, hp - h)), constant_values=-jnp.inf).reshape(b * t, hp)
+    operands = (rows, qn, qr, do, lse, delta, kvn, kvr)
     # dkv accumulates in float32 with one spare row (index b·s) that takes the unused slots.
     zeros = (jnp.zeros((b * s + 1, vp), jnp.float32), jnp.zeros((b * s + 1, rp), jnp.float32))
+    dkv_shapes = [jax.ShapeDtypeStruct((b * s + 1, w), jnp.float32) for w in (vp, rp)]
+    dq_shapes = [jax.ShapeDtypeStruct((b * t, hp, w), q.dtype) for w in (vp, rp)]
+    params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     head_vec = pl.BlockSpec((None, block_h), lambda i, j: (i, j))
-    dkv_specs = [pl.BlockSpec((b * s + 1, w), lambda i, j: (0, 0)) for w in (vp, rp)]
     in_specs = _specs(dims, (vp, rp, vp), (vp, rp))
-    in_specs = in_specs[:4] + [head_vec, head_vec] + in_specs[4:] + dkv_specs
-    kernel = functools.partial(_bwd_kernel, scale=scale, block_k=block_k, num_k_blocks=kp // block_k)
-    dqn, dqr, dkvn, dkvr = pl.pallas_call(
-        kernel,
-        grid=(b * t, hp // block_h),
-        in_specs=in_specs,
-        out_specs=_specs(dims, (vp, rp), ())[1:] + dkv_specs,
-        out_shape=[jax.ShapeDtypeStruct((b * t, hp, vp), q.dtype), jax.ShapeDtypeStruct((b * t, hp, rp), q.dtype),
-                   jax.ShapeDtypeStruct((b * s + 1, vp), jnp.float32),
-                   jax.ShapeDtypeStruct((b * s + 1, rp), jnp.float32)],
-        input_output_aliases={8: 2, 9: 3},
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name="sparse_mla_bwd",
-    )(rows, qn, qr, do, lse, delta, kvn, kvr, *zeros)
+    in_specs = in_specs[:4] + [head_vec, head_vec] + in_specs[4:]
+    dq_kernel = functools.partial(_bwd_kernel, scale=scale, block_k=block_k, num_k_blocks=kp // block_k,
+                                  with_dkv=not split_dkv)
+    if split_dkv:
+        dqn, dqr = pl.pallas_call(
+            dq_kernel, grid=(b * t, hp // block_h), in_specs=in_specs, out_specs=_specs(dims, (vp, rp), ())[1:],
+            out_shape=dq_shapes, compiler_params=params, interpret=interpret, name="sparse_mla_bwd_dq",
+        )(*operands)
+        per_query = lambda *shape: pl.BlockSpec((None, *shape), lambda i: (i,) + (0,) * len(shape))
+        whole = [pl.BlockSpec((b * s + n, w), lambda i: (0, 0)) for n in (0, 1) for w in (vp, rp)]
+        dkvn, dkvr = pl.pallas_call(
+            functools.partial(_bwd_dkv_kernel, scale=scale, block_h=block_h, block_k=block_k,
+                              num_k_blocks=kp // block_k),
+            grid=(b * t,),
+            in_specs=[per_query(kp), per_query(hp, vp), per_query(hp, rp), per_query(hp, vp), per_query(hp),
+                      per_query(hp)] + whole,
+            out_specs=whole[2:],
+            out_shape=dkv_shapes,
+            input_output_aliases={8: 0, 9: 1},
+            compiler_params=params,
+            interpret=interpret,
+            name="sparse_mla_bwd_dkv",
+        )(*operands, *zeros)
+    else:
+        dkv_specs = [pl.BlockSpec((b * s + 1, w), lambda i, j: (0, 0)) for w in (vp, rp)]
+        dqn, dqr, dkvn, dkvr = pl.pallas_call(
+            dq_kernel,
+            grid=(b * t, hp // block_h),
+            in_specs=in_specs + dkv_specs,
+            out_specs=_specs(dims, (vp, rp), ())[1:] + dkv_specs,
+            out_shape=dq_shapes + dkv_shapes,
+            input_output_aliases={8: 2, 9: 3},
+            compiler_params=params,
+            interpret=interpret,
+            name="sparse_mla_bwd",
+        )(*operands, *zeros)
     r = q.shape[-1] - v_dim
     dq = jnp.concatenate([dqn.reshape(b, t, hp, vp)[:, :, :h, :v_dim], dqr.reshape(b, t, hp, rp)[:, :, :h, :r]], -1)
     dkv = jnp.concatenate([dkvn[:-1].reshape(b, s, vp)[..., :v_dim], dkvr[:-1].reshape(b, s, rp)[..., :r]], -1)

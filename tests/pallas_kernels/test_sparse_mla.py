@@ -57,11 +57,13 @@ def test_forward_matches_reference(case, dtype, tol):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 5e-2)])
-def test_backward_matches_reference_vjp(case, dtype, tol):
+@pytest.mark.parametrize("split_dkv", [False, True])
+def test_backward_matches_reference_vjp(case, dtype, tol, split_dkv):
+    """Both backward forms: one kernel (dkv added per head block), or dq and dkv (summed over heads) apart."""
     q, kv, idx, v, out, lse = run_forward(1, case, dtype)
     d_out = jnp.asarray(np.random.default_rng(2).normal(size=out.shape), dtype)
     dq, dkv = sparse_mla_bwd(q, kv, idx, out, lse, d_out, scale=0.2, v_dim=v, block_h=16, block_k=16,
-                             interpret=True)
+                             split_dkv=split_dkv, interpret=True)
     f32 = lambda x: x.astype(jnp.float32)
     _, vjp = jax.vjp(lambda a, b: sparse_mla_reference(a, b, idx, scale=0.2, v_dim=v), f32(q), f32(kv))
     ref_dq, ref_dkv = vjp(f32(d_out))

@@ -37,6 +37,9 @@ KERNELS = {
     "sparse_mla_fwd": (lambda *a: sparse_mla_triton.sparse_mla_fwd(*a, scale=576**-0.5, v_dim=512), (Q, KV, IDX)),
     "sparse_mla_bwd": (lambda *a: sparse_mla_triton.sparse_mla_bwd(*a, scale=576**-0.5, v_dim=512),
                        (Q, KV, IDX, OUT, LSE, OUT)),
+    "sparse_mla_bwd_split_dkv": (lambda *a: sparse_mla_triton.sparse_mla_bwd(*a, scale=576**-0.5, v_dim=512,
+                                                                             split_dkv=True),
+                                 (Q, KV, IDX, OUT, LSE, OUT)),
     # Scores kernel + select_topk (plain XLA) over one chunk of queries, the last T of S (q_offset = S - T):
     # they see all S keys.
     "indexer_topk": (lambda *a: indexer_topk_triton(*a, topk=K, q_offset=S - T),
@@ -83,7 +86,7 @@ def test_lowers_for_cuda(name):
     exported = export_for_cuda(*KERNELS[name])
     assert exported.platforms == ("cuda",)
     module = exported.mlir_module()
-    assert module.count(TRITON_CALL) == 1
+    assert module.count(TRITON_CALL) == (2 if "split" in name else 1)
     if "decode" in name:  # the layer is read inside the kernel: XLA slices nothing out of the cache
         assert "dynamic_slice" not in module
 
