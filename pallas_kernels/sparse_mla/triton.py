@@ -20,7 +20,11 @@ Triton wants power-of-two tiles of at least 16, so the wrapper pads the head, la
 dims (zeros change no dot product) and the top-k axis (with -1), and flattens the batch into
 the row index. Reference: `pallas_kernels/sparse_mla/reference.py`. Default tiles (32 heads x
 64 rows, 4 warps, 2 stages) were the fastest of a sweep on an H200 (experiments/bench_kernels.py):
-~226 TFLOP/s at V3.2 shapes (H=128, k=2048), T=16K.
+~226 TFLOP/s at V3.2 shapes (H=128, k=2048), T=16K, launched query-major (and ~217 at T=64K).
+The programs now launch head-major (`_grid`): a query's head blocks side by side, so its rows are
+gathered from HBM once, not once per head block. That matters only where the KV outgrows L2
+(50 MB; 19 MB at 16K, 75 MB at 64K): the equal figures at 16K and 64K say the kernel is not
+HBM-bound now, so expect little from it. Not yet timed on a GPU; the benchmark times both orders.
 
 Shapes: B batch, T queries, S keys, H heads, V latent/value dim (512), R RoPE dim (64),
 K selected rows per query.
@@ -102,29 +106,49 @@ def _layout(q, kv, indices, v_dim, block_h, block_k):
 
 
 def _specs(dims, per_query_widths, full_widths):
-    """BlockSpecs: [rows], then per-(query, head block) tiles, then whole flattened-kv arrays."""
+    """BlockSpecs over (query i, head block j): [rows], then per-(query, head block) tiles, then whole
+    flattened-kv arrays."""
     bh, bs = dims["block_h"], dims["b"] * dims["s"]
     return ([pl.BlockSpec((None, dims["kp"]), lambda i, j: (i, 0))]
             + [pl.BlockSpec((None, bh, w), lambda i, j: (i, j, 0)) for w in per_query_widths]
             + [pl.BlockSpec((bs, w), lambda i, j: (0, 0)) for w in full_widths])
 
 
+def _grid(dims, head_major, *spec_lists):
+    """(grid, spec_lists) of a (query, head block) kernel.
+
+    The first grid axis is CUDA's x, launched fastest. head_major puts the head blocks there, so a
+    query's head-block programs run side by side and all but the first find its gathered rows in
+    L2; query-major (the order first measured) runs every query of one head block before the next,
+    so where the KV outgrows L2 each head block gathers the rows from HBM again (H/block_h times
+    the traffic: 4x at H = 128, block_h = 32; 9.4 MB per query, ~60 FLOP/B in the forward).
+    """
+    grid = (dims["b"] * dims["t"], dims["hp"] // dims["block_h"])
+    if not head_major:
+        return grid, spec_lists
+    swap = lambda spec: pl.BlockSpec(spec.block_shape, lambda j, i: spec.index_map(i, j))
+    return grid[::-1], tuple([swap(spec) for spec in specs] for specs in spec_lists)
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "v_dim", "block_h", "block_k", "num_warps", "num_stages",
-                                             "interpret"))
+                                             "head_major", "interpret"))
 def sparse_mla_fwd(q, kv, indices, *, scale, v_dim, block_h=32, block_k=64, num_warps=4, num_stages=2,
-                   interpret=False):
-    """q [B,T,H,D], kv [B,S,D], indices [B,T,K] -> (out [B,T,H,v_dim] in q's dtype, lse [B,T,H] f32)."""
+                   head_major=True, interpret=False):
+    """q [B,T,H,D], kv [B,S,D], indices [B,T,K] -> (out [B,T,H,v_dim] in q's dtype, lse [B,T,H] f32).
+
+    head_major: the launch order of the (query, head block) programs (`_grid`).
+    """
     qn, qr, kvn, kvr, rows, dims = _layout(q, kv, indices, v_dim, block_h, block_k)
     b, t, h, hp, vp, kp, block_h = (dims[n] for n in ("b", "t", "h", "hp", "vp", "kp", "block_h"))
     kernel = functools.partial(_kernel, scale=scale, block_k=block_k, num_k_blocks=kp // block_k)
+    grid, (in_specs, out_specs) = _grid(dims, head_major, _specs(dims, (vp, dims["rp"]), (vp, dims["rp"])),
+                                        [pl.BlockSpec((None, block_h, vp), lambda i, j: (i, j, 0)),
+                                         pl.BlockSpec((None, block_h), lambda i, j: (i, j))])
     out, lse = pl.pallas_call(
         kernel,
-        grid=(b * t, hp // block_h),
-        in_specs=_specs(dims, (vp, dims["rp"]), (vp, dims["rp"])),
-        out_specs=[
-            pl.BlockSpec((None, block_h, vp), lambda i, j: (i, j, 0)),
-            pl.BlockSpec((None, block_h), lambda i, j: (i, j)),
-        ],
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
         out_shape=[jax.ShapeDtypeStruct((b * t, hp, vp), q.dtype), jax.ShapeDtypeStruct((b * t, hp), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
@@ -214,9 +238,9 @@ def _bwd_dkv_kernel(idx_ref, qn_ref, qr_ref, do_ref, lse_ref, delta_ref, kvn_ref
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "v_dim", "block_h", "block_k", "num_warps", "num_stages",
-                                             "split_dkv", "interpret"))
+                                             "split_dkv", "head_major", "interpret"))
 def sparse_mla_bwd(q, kv, indices, out, lse, d_out, *, scale, v_dim, block_h=32, block_k=32, num_warps=8,
-                   num_stages=2, split_dkv=False, interpret=False):
+                   num_stages=2, split_dkv=False, head_major=True, interpret=False):
     """Gradients (dq [B,T,H,D] in q's dtype, dkv [B,S,D] in kv's dtype) of `sparse_mla_fwd`'s output.
 
     Default tiles: the fastest of those that fit an H200's shared memory (64-row tiles do not).
@@ -226,6 +250,8 @@ def sparse_mla_bwd(q, kv, indices, out, lse, d_out, *, scale, v_dim, block_h=32,
     grid (query,), sums each block of rows' gradient over all heads (a static loop over head blocks,
     recomputing P and dS) and adds it once: H/block_h times fewer atomic adds (4x at H = 128,
     block_h = 32) for ~40 % more matmul work (P and dS are computed twice). Not yet timed on a GPU.
+    head_major: the launch order of the (query, head block) kernel (`_grid`); the 546 ms above
+    was query-major.
     """
     qn, qr, kvn, kvr, rows, dims = _layout(q, kv, indices, v_dim, block_h, block_k)
     b, t, h, s, hp, vp, rp, kp, block_h = (dims[n] for n in ("b", "t", "h", "s", "hp", "vp", "rp", "kp", "block_h"))
@@ -243,13 +269,13 @@ def sparse_mla_bwd(q, kv, indices, out, lse, d_out, *, scale, v_dim, block_h=32,
     head_vec = pl.BlockSpec((None, block_h), lambda i, j: (i, j))
     in_specs = _specs(dims, (vp, rp, vp), (vp, rp))
     in_specs = in_specs[:4] + [head_vec, head_vec] + in_specs[4:]
+    dq_specs = _specs(dims, (vp, rp), ())[1:]
     dq_kernel = functools.partial(_bwd_kernel, scale=scale, block_k=block_k, num_k_blocks=kp // block_k,
                                   with_dkv=not split_dkv)
     if split_dkv:
-        dqn, dqr = pl.pallas_call(
-            dq_kernel, grid=(b * t, hp // block_h), in_specs=in_specs, out_specs=_specs(dims, (vp, rp), ())[1:],
-            out_shape=dq_shapes, compiler_params=params, interpret=interpret, name="sparse_mla_bwd_dq",
-        )(*operands)
+        grid, (in_specs, dq_specs) = _grid(dims, head_major, in_specs, dq_specs)
+        dqn, dqr = pl.pallas_call(dq_kernel, grid=grid, in_specs=in_specs, out_specs=dq_specs, out_shape=dq_shapes,
+                                  compiler_params=params, interpret=interpret, name="sparse_mla_bwd_dq")(*operands)
         per_query = lambda *shape: pl.BlockSpec((None, *shape), lambda i: (i,) + (0,) * len(shape))
         whole = [pl.BlockSpec((b * s + n, w), lambda i: (0, 0)) for n in (0, 1) for w in (vp, rp)]
         dkvn, dkvr = pl.pallas_call(
@@ -267,11 +293,12 @@ def sparse_mla_bwd(q, kv, indices, out, lse, d_out, *, scale, v_dim, block_h=32,
         )(*operands, *zeros)
     else:
         dkv_specs = [pl.BlockSpec((b * s + 1, w), lambda i, j: (0, 0)) for w in (vp, rp)]
+        grid, (in_specs, out_specs) = _grid(dims, head_major, in_specs + dkv_specs, dq_specs + dkv_specs)
         dqn, dqr, dkvn, dkvr = pl.pallas_call(
             dq_kernel,
-            grid=(b * t, hp // block_h),
-            in_specs=in_specs + dkv_specs,
-            out_specs=_specs(dims, (vp, rp), ())[1:] + dkv_specs,
+            grid=grid,
+            in_specs=in_specs,
+            out_specs=out_specs,
             out_shape=dq_shapes + dkv_shapes,
             input_output_aliases={8: 2, 9: 3},
             compiler_params=params,
