@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # One GPU check, run from the repo root on a machine with JAX (CUDA), flax, optax: installs
 # nothing. Correctness first, then timing. Results land in ${OUT:-/tmp/gpu_check}.
-#   bash experiments/gpu_check.sh            everything (more than one 10-minute device call: run the two parts apart)
+#   bash experiments/gpu_check.sh            model, then kernels (up to 12 minutes of caps: run them apart within
+#                                            a 10-minute device call)
 #   bash experiments/gpu_check.sh model      model correctness (GPU vs the CPU oracle) + bench_attention
-#   bash experiments/gpu_check.sh kernels    DSA kernels: device check vs the reference, then bench_kernels
-#                                            (decode indexer, then decode attention, each in its own run capped at
-#                                            120 s, then prefill + backward capped at 330 s: at most 9.5 minutes;
-#                                            the prefill part took ~150 s before the indexer's key-loop sweep was added)
+#   bash experiments/gpu_check.sh kernels    DSA kernels at their default tiles, under 5 minutes: each checked on the
+#                                            device against its reference, then timed against its baselines (decode
+#                                            indexer 60 s, decode attention 60 s, prefill + backward 170 s caps)
+#   bash experiments/gpu_check.sh sweep      the tile and variant sweeps that pick those defaults (key-loop indexer,
+#                                            split-dkv backward, ...): decode 120 s, decode attention 120 s, prefill +
+#                                            backward 330 s caps, at most 9.5 minutes
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 PART=${1:-all}
@@ -35,14 +38,23 @@ if [[ $PART == all || $PART == model ]]; then
     2>&1 | quiet | tee "$OUT/bench_v32.log"
 fi
 
+# Kernels: "kernels" times the defaults only (one tile config per kernel), "sweep" every config.
 if [[ $PART == all || $PART == kernels ]]; then
+  caps=(60 60 170)
+  tiles=(--decode_configs=128:4 --decode_mla_configs=64:32:8:1 --configs=32:64:4:2 --index_configs=4:128:8:2
+         --bwd_configs=32:32:8:2 --seq_lens=16384,65536)
+elif [[ $PART == sweep ]]; then
+  caps=(120 120 330)
+  tiles=(--seq_lens=4096,16384,65536)
+fi
+if [[ $PART == all || $PART == kernels || $PART == sweep ]]; then
   echo "== decode indexer (B=64, S=128K, T=1) on the stacked cache vs the old path (layer slice) =="
-  timeout 120 python3 -m experiments.bench_kernels --parts=decode --out="$OUT/bench_kernels_decode.json" \
-    2>&1 | quiet | tee "$OUT/bench_kernels_decode.log"
+  timeout ${caps[0]} python3 -m experiments.bench_kernels --parts=decode "${tiles[@]}" \
+    --out="$OUT/bench_kernels_decode.json" 2>&1 | quiet | tee "$OUT/bench_kernels_decode.log"
   echo "== decode sparse MLA (H=128, k=2048) on the stacked cache vs the old path (XLA gather + prefill kernel) =="
-  timeout 120 python3 -m experiments.bench_kernels --parts=decode_mla --out="$OUT/bench_kernels_decode_mla.json" \
-    2>&1 | quiet | tee "$OUT/bench_kernels_decode_mla.log"
+  timeout ${caps[1]} python3 -m experiments.bench_kernels --parts=decode_mla "${tiles[@]}" \
+    --out="$OUT/bench_kernels_decode_mla.json" 2>&1 | quiet | tee "$OUT/bench_kernels_decode_mla.log"
   echo "== DSA kernels: check on the device, then time against the XLA reference and cuDNN dense =="
-  timeout 330 python3 -m experiments.bench_kernels --parts=sparse_mla,indexer,backward --seq_lens=4096,16384,65536 \
+  timeout ${caps[2]} python3 -m experiments.bench_kernels --parts=sparse_mla,indexer,backward "${tiles[@]}" \
     --out="$OUT/bench_kernels.json" 2>&1 | quiet | tee "$OUT/bench_kernels.log"
 fi
