@@ -159,13 +159,17 @@ def _row(name, t, seconds, flops, nbytes, peak_tflops=None):
     return row
 
 
-def _index_tiles(cfg):
-    """indexer_topk_triton's tile keywords of an --index_configs entry block_t:block_s:num_warps:num_stages[:loop]."""
+def _tiles(cfg, flag, names, suffix, variant):
+    """Keywords of a --flag entry: int fields `names` joined by ":", then optionally ":suffix" (variant=True)."""
     fields = cfg.split(":")
-    if len(fields) not in (4, 5) or fields[4:] not in ([], ["loop"]):
-        raise ValueError(f"--index_configs entry {cfg!r}: want block_t:block_s:num_warps:num_stages[:loop]")
-    bt, bs, w, s = map(int, fields[:4])
-    return {"block_t": bt, "block_s": bs, "num_warps": w, "num_stages": s, "key_loop": len(fields) == 5}
+    if len(fields) not in (len(names), len(names) + 1) or fields[len(names):] not in ([], [suffix]):
+        raise ValueError(f"--{flag} entry {cfg!r}: want {':'.join(names)}[:{suffix}]")
+    return dict(zip(names, map(int, fields[:len(names)]))) | {variant: len(fields) > len(names)}
+
+
+def _index_tiles(cfg):
+    """indexer_topk_triton's keywords of an --index_configs entry (":loop": the key-loop kernel)."""
+    return _tiles(cfg, "index_configs", ("block_t", "block_s", "num_warps", "num_stages"), "loop", "key_loop")
 
 
 def _index_label(cfg):
@@ -397,12 +401,8 @@ def _decode_attention(scale, v):
 
 
 def _bwd_tiles(cfg):
-    """sparse_mla_bwd's tile keywords of a --bwd_configs entry block_h:block_k:num_warps:num_stages[:split]."""
-    fields = cfg.split(":")
-    if len(fields) not in (4, 5) or fields[4:] not in ([], ["split"]):
-        raise ValueError(f"--bwd_configs entry {cfg!r}: want block_h:block_k:num_warps:num_stages[:split]")
-    bh, bk, w, s = map(int, fields[:4])
-    return {"block_h": bh, "block_k": bk, "num_warps": w, "num_stages": s, "split_dkv": len(fields) == 5}
+    """sparse_mla_bwd's keywords of a --bwd_configs entry (":split": dq and dkv in two kernels)."""
+    return _tiles(cfg, "bwd_configs", ("block_h", "block_k", "num_warps", "num_stages"), "split", "split_dkv")
 
 
 def _backward(scale, v):
