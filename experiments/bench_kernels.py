@@ -86,6 +86,8 @@ _ROPE_DIM = flags.DEFINE_integer("rope_dim", 64, "RoPE dim (Dqk = v_dim + rope_d
 _CONFIGS = flags.DEFINE_list("configs", ["32:64:4:2", "64:64:8:3", "32:64:4:3", "64:64:8:2"],
                              "block_h:block_k:num_warps:num_stages, ...")
 _SWEEP_LEN = flags.DEFINE_integer("sweep_len", 16384, "length at which tile configs are compared")
+_CHECK_LEN = flags.DEFINE_integer("check_len", 1024, "length at which the prefill kernels are checked against the "
+                                  "reference on the device")
 _MAX_REF = flags.DEFINE_integer("max_reference_len", 16384, "longest T for the XLA reference")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed runs (median reported)")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 790.0, "bf16 matmul peak for the roofline fraction")
@@ -216,17 +218,19 @@ def _indexer(sparse_seconds):
 
     flops = lambda t: 2 * (t * (t + 1) // 2) * h * d
     nbytes = lambda t: t * h * d * 2 + t * d * 2 + t * k * 4
-    q, kk, ww = inputs(1024)
+    q, kk, ww = inputs(_CHECK_LEN.value)
     want = indexer_topk_reference(q, kk, ww, topk=k)
     # Index sets are compared sorted: the kernels list them ascending, the reference by score.
     agreement = lambda got, ref: float(jnp.mean(jnp.sort(got, axis=-1) == jnp.sort(ref, axis=-1)))
     q8, k8 = q.astype(jnp.float8_e4m3fn), kk.astype(jnp.float8_e4m3fn)
     agree8 = agreement(kernel_fn(_INDEX_CONFIGS.value[0])(q8, k8, ww), indexer_topk_reference(q8, k8, ww, topk=k))
-    print(f"indexer fp8 agreement with the reference's index sets at T=1024: {agree8:.4f}", flush=True)
+    print(f"indexer fp8 agreement with the reference's index sets at T={_CHECK_LEN.value}: {agree8:.4f}",
+          flush=True)
     for cfg in _INDEX_CONFIGS.value:
         try:
             agree = agreement(kernel_fn(cfg)(q, kk, ww), want)
-            print(f"indexer [{cfg}] agreement with the reference's index sets at T=1024: {agree:.4f}", flush=True)
+            print(f"indexer [{cfg}] agreement with the reference's index sets at T={_CHECK_LEN.value}: {agree:.4f}",
+                  flush=True)
         except Exception as e:
             print(f"indexer config {cfg}: failed ({type(e).__name__}: {str(e)[:200]})", flush=True)
     q, kk, ww = inputs(_SWEEP_LEN.value)
@@ -409,13 +413,14 @@ def _backward(scale, v):
     """Checks the backward kernel against the reference VJP on the device, then times it."""
     rows = []
     d = _V_DIM.value + _ROPE_DIM.value
-    for t in (1024, _BWD_LEN.value):
+    check_len = _CHECK_LEN.value
+    for t in (check_len, _BWD_LEN.value):
         q, kv, idx = _inputs(t, jax.random.PRNGKey(7 + t))
         out, lse = sparse_mla_fwd(q, kv, idx, scale=scale, v_dim=v, interpret=_INTERPRET.value)
         d_out = jax.random.normal(jax.random.PRNGKey(8), out.shape, out.dtype)
         flops = 2 * t * _TOPK.value * _HEADS.value * (3 * d + 2 * v)
         nbytes = 2 * _sparse_costs(t, idx)[1]
-        if t == 1024:
+        if t == check_len:
             _, vjp = jax.vjp(lambda a, b: sparse_mla_reference(a, b, idx, scale=scale, v_dim=v),
                              q.astype(jnp.float32), kv.astype(jnp.float32))
             want = vjp(d_out.astype(jnp.float32))
@@ -424,7 +429,7 @@ def _backward(scale, v):
             fn = jax.jit(functools.partial(sparse_mla_bwd, scale=scale, v_dim=v, interpret=_INTERPRET.value,
                                            **_bwd_tiles(cfg)))
             try:
-                if t == 1024:
+                if t == check_len:
                     got = fn(q, kv, idx, out, lse, d_out)
                     errs = [float(jnp.max(jnp.abs(g.astype(jnp.float32) - r)) / float(jnp.max(jnp.abs(r))))
                             for g, r in zip(got, want)]
@@ -441,7 +446,7 @@ def _backward(scale, v):
                                            head_major=False, **_bwd_tiles(best)))
             rows.append(_row(f"sparse_mla bwd pallas query-major [{best}]", t, _time(fn, q, kv, idx, out, lse, d_out),
                              flops, nbytes))
-        if t != 1024 and t <= _MAX_REF_BWD.value:  # the reference's VJP keeps every gathered row
+        if t != check_len and t <= _MAX_REF_BWD.value:  # the reference's VJP keeps every gathered row
             ref_bwd = jax.jit(lambda q, kv, d_out: jax.vjp(
                 lambda a, b: sparse_mla_reference(a, b, idx, scale=scale, v_dim=v), q, kv)[1](d_out))
             rows.append(_row("sparse_mla bwd xla reference (vjp)", t, _time(ref_bwd, q, kv, d_out), flops, nbytes))
@@ -459,7 +464,7 @@ def _sparse_mla_forward(scale, v):
                                                           num_warps=w, num_stages=s, head_major=head_major,
                                                           interpret=_INTERPRET.value)[0])
 
-    q, kv, idx = _inputs(1024, jax.random.PRNGKey(0))
+    q, kv, idx = _inputs(_CHECK_LEN.value, jax.random.PRNGKey(0))
     ref = sparse_mla_reference(q.astype(jnp.float32), kv.astype(jnp.float32), idx, scale=scale, v_dim=v)
     check = {}
     for cfg in _CONFIGS.value:
@@ -469,7 +474,8 @@ def _sparse_mla_forward(scale, v):
             print(f"config {cfg}: failed to compile ({type(e).__name__}: {str(e)[:300]})", flush=True)
             continue
         check[cfg] = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref)))
-    print("correctness vs f32 reference (T=1024, bf16 inputs), max abs error per config:", check, flush=True)
+    print(f"correctness vs f32 reference (T={_CHECK_LEN.value}, bf16 inputs), max abs error per config:", check,
+          flush=True)
     configs = [c for c, err in check.items() if err < 0.05]
     if not configs:
         raise SystemExit("no tile config compiled and matched the reference")

@@ -11,8 +11,8 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).parents[2]
-KERNELS = ["--interpret", "--seq_lens=128", "--sweep_len=128", "--topk=32", "--heads=16", "--v_dim=32",
-           "--rope_dim=16", "--configs=16:16:4:1", "--max_reference_len=128", "--repeats=1",
+KERNELS = ["--interpret", "--seq_lens=128", "--sweep_len=128", "--check_len=64", "--topk=32", "--heads=16",
+           "--v_dim=32", "--rope_dim=16", "--configs=16:16:4:1", "--max_reference_len=128", "--repeats=1",
            "--bwd_configs=16:16:4:1,16:16:4:1:split", "--bwd_len=128", "--max_reference_bwd_len=128",
            "--index_heads=4", "--index_dim=16", "--index_configs=4:16:4:1,4:16:4:1:loop", "--index_chunk=64",
            "--decode_batch=2", "--decode_len=256", "--decode_configs=64:4", "--decode_mla_configs=16:16:4:1,16:16:4:2"]
@@ -34,8 +34,8 @@ def test_bench_kernels_every_part(tmp_path):
     for prefix in ("decode indexer pallas", "decode old: xla reference", "decode sparse_mla pallas [16:16:4:2]",
                    "decode sparse_mla old: gather + prefill kernel", "sparse_mla pallas", "sparse_mla xla reference",
                    "dense causal MHA", "indexer_topk pallas grid", "indexer_topk pallas key-loop",
-                   "indexer_topk pallas 1 run", "indexer_topk xla reference", "indexer + sparse_mla (pallas)", "sparse_mla bwd pallas [16:16:4:1]",
-                   "sparse_mla bwd pallas [16:16:4:1:split]", "sparse_mla pallas query-major",
+                   "indexer_topk pallas 1 run", "indexer_topk xla reference", "indexer + sparse_mla (pallas)",
+                   "sparse_mla bwd pallas [16:16:4:1]", "sparse_mla bwd pallas [16:16:4:1:split]", "sparse_mla pallas query-major",
                    "sparse_mla bwd pallas query-major"):
         assert any(n.startswith(prefix) for n in names), (prefix, names)
     assert all(r["ms"] > 0 for r in result["rows"])
@@ -43,7 +43,8 @@ def test_bench_kernels_every_part(tmp_path):
     agreements = [line for line in stdout.splitlines() if "agreement with the reference's index sets" in line]
     assert len(agreements) == 5 and all(line.endswith("1.0000") for line in agreements), agreements
     assert all(err < 0.05 for err in result["check"].values())
-    backward = [line.split(": ")[1].split() for line in stdout.splitlines() if "relative max error vs reference VJP" in line]
+    backward = [line.split(": ")[1].split() for line in stdout.splitlines()
+                if "relative max error vs reference VJP" in line]
     assert len(backward) == 2 and all(float(f[1]) < 0.05 and float(f[3]) < 0.05 for f in backward), backward
 
 

@@ -75,19 +75,19 @@ def test_causal_segments():
         assert all(start % chunk == 0 and width == min(s, stop + off) for start, stop, width in runs)
 
 
-@pytest.mark.parametrize("segments", [1, 3, 8])
-def test_causal_runs_equal_one_run(segments):
+@pytest.mark.parametrize("segments, q_offset", [(8, 0), (3, 5)])  # 6 runs, the first narrower than topk; 3
+def test_causal_runs_equal_one_run(segments, q_offset):
     """Scoring each causal run against only its keys gives the same indices as one run (every chunk against the
-    keys the last query sees), with q_offset, per-row k_len, a run narrower than topk (-1 padding) and a ragged last chunk."""
+    keys the last query sees), with q_offset, per-row k_len, a run narrower than topk (-1 padding) and a ragged
+    last chunk."""
     q, k, w, k_scale, kl = random_inputs(2, 45, 60, 4, 16, [60, 23], jnp.float32)
-    run = lambda segments, q_offset: np.asarray(indexer_topk_triton(
-        q, k, w, topk=10, k_scale=k_scale, q_offset=q_offset, k_len=kl, chunk_size=4, segments=segments,
+    run = lambda segments: np.asarray(indexer_topk_triton(
+        q, k, w, topk=10, k_scale=k_scale, q_offset=q_offset, k_len=kl, chunk_size=8, segments=segments,
         interpret=True, block_t=4, block_s=16))
-    for q_offset in (0, 5):
-        want = indexer_topk_reference(q, k, w, topk=10, k_scale=k_scale, q_offset=q_offset, k_len=kl)
-        got = run(segments, q_offset)
-        assert same_selection(got, np.asarray(want), q, k, w, k_scale) and ascending_then_padding(got)
-        np.testing.assert_array_equal(got, run(1, q_offset))
+    want = indexer_topk_reference(q, k, w, topk=10, k_scale=k_scale, q_offset=q_offset, k_len=kl)
+    got = run(segments)
+    assert same_selection(got, np.asarray(want), q, k, w, k_scale) and ascending_then_padding(got)
+    np.testing.assert_array_equal(got, run(1))
 
 
 @pytest.mark.parametrize("impl", ["triton", "mosaic"])
