@@ -35,8 +35,8 @@ def test_bench_kernels_every_part(tmp_path):
                    "decode sparse_mla old: gather + prefill kernel", "sparse_mla pallas", "sparse_mla xla reference",
                    "dense causal MHA", "indexer_topk pallas grid", "indexer_topk pallas key-loop",
                    "indexer_topk pallas 1 run", "indexer_topk xla reference", "indexer + sparse_mla (pallas)",
-                   "sparse_mla bwd pallas [16:16:4:1]", "sparse_mla bwd pallas [16:16:4:1:split]", "sparse_mla pallas query-major",
-                   "sparse_mla bwd pallas query-major"):
+                   "sparse_mla bwd pallas [16:16:4:1]", "sparse_mla bwd pallas [16:16:4:1:split]",
+                   "sparse_mla pallas query-major", "sparse_mla bwd pallas query-major"):
         assert any(n.startswith(prefix) for n in names), (prefix, names)
     assert all(r["ms"] > 0 for r in result["rows"])
     # every indexer variant selected the reference's keys; the attention kernels stayed within bf16 error
