@@ -94,8 +94,8 @@ _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 790.0, "bf16 matmul peak for th
 _PEAK_GBS = flags.DEFINE_float("peak_gbs", 4300.0, "HBM bandwidth for the roofline fraction")
 _OUT = flags.DEFINE_string("out", "bench_kernels.json", "JSON output path")
 # 32:64 and 16:64 tiles exceed the H200's 227 KiB of shared memory in the backward kernel.
-_BWD_CONFIGS = flags.DEFINE_list("bwd_configs", ["16:32:4:2", "32:32:4:2", "32:32:8:2", "16:32:4:1", "32:32:8:2:split",
-                                                "64:32:8:2:split", "32:16:4:2:split"],
+_BWD_CONFIGS = flags.DEFINE_list("bwd_configs", ["16:32:4:2", "32:32:4:2", "32:32:8:2", "16:32:8:2", "32:32:8:2:split",
+                                                "32:16:8:2:split", "16:16:4:2:split"],
                                   "backward tiles block_h:block_k:num_warps:num_stages[:split] (:split = dq and dkv "
                                   "in two kernels, dkv summed over all heads before its atomic add), ...")
 _BWD_LEN = flags.DEFINE_integer("bwd_len", 16384, "length at which the backward kernel is timed")
@@ -117,7 +117,7 @@ _DECODE_QUERIES = flags.DEFINE_integer("decode_queries", 1, "decode: queries per
 _DECODE_LAYERS = flags.DEFINE_integer("decode_layers", 2, "decode: layers L of the stacked cache (the last is read)")
 _DECODE_CONFIGS = flags.DEFINE_list("decode_configs", ["128:4", "256:4", "256:8", "64:4"],
                                     "decode kernel tiles block_s:num_warps, ...")
-_DECODE_MLA_CONFIGS = flags.DEFINE_list("decode_mla_configs", ["64:32:8:1", "64:64:8:1", "32:64:4:1", "64:32:8:2"],
+_DECODE_MLA_CONFIGS = flags.DEFINE_list("decode_mla_configs", ["32:64:8:1", "32:64:4:1", "64:32:8:1", "32:64:8:2"],
                                         "decode sparse MLA tiles block_h:block_k:num_warps:num_splits, ...")
 
 

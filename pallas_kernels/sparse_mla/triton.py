@@ -222,16 +222,18 @@ def _bwd_dkv_kernel(idx_ref, qn_ref, qr_ref, do_ref, lse_ref, delta_ref, kvn_ref
 
     def body(i, carry):
         idx, used, kn, kr = _gather_block(idx_ref, kvn_ref, kvr_ref, i, block_k)
-        dkn = jnp.zeros(kn.shape, jnp.float32)
-        dkr = jnp.zeros(kr.shape, jnp.float32)
-        for first in range(0, heads, block_h):  # static: q, dO, lse, Δ of each head block re-read (L1/L2)
-            hs = pl.ds(first, block_h)
-            qn, qr, do = qn_ref[hs, :], qr_ref[hs, :], do_ref[hs, :]
+
+        def head_block(j, acc):  # a loop, not unrolled: one set of shared-memory buffers for every head block
+            dkn, dkr = acc
+            hs = pl.ds(pl.multiple_of(j * block_h, block_h), block_h)
+            qn, qr, do = qn_ref[hs, :], qr_ref[hs, :], do_ref[hs, :]  # re-read per row block (L1/L2)
             p, ds = _block_grads(qn, qr, do, lse_ref[hs], delta_ref[hs], kn, kr, used, scale)
-            dkn += (jnp.dot(ds.T, qn, preferred_element_type=jnp.float32)
-                    + jnp.dot(p.astype(do.dtype).T, do, preferred_element_type=jnp.float32))
-            dkr += jnp.dot(ds.T, qr, preferred_element_type=jnp.float32)
-        _add_rows(dkvn_ref, dkvr_ref, idx, used, dkn, dkr)
+            return (dkn + jnp.dot(ds.T, qn, preferred_element_type=jnp.float32)
+                    + jnp.dot(p.astype(do.dtype).T, do, preferred_element_type=jnp.float32),
+                    dkr + jnp.dot(ds.T, qr, preferred_element_type=jnp.float32))
+
+        init = (jnp.zeros(kn.shape, jnp.float32), jnp.zeros(kr.shape, jnp.float32))
+        _add_rows(dkvn_ref, dkvr_ref, idx, used, *jax.lax.fori_loop(0, heads // block_h, head_block, init))
         return carry
 
     jax.lax.fori_loop(0, num_k_blocks, body, 0)

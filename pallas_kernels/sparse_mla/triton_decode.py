@@ -26,10 +26,12 @@ Why it reads the cache itself:
   the overflow of indexer/triton_decode.py (1-byte elements, 2-4 GiB) cannot happen here: the
   cache is bf16 or float32 (checked), so an operand of at most 4 GiB has fewer than 2^31 elements.
 
-Tiles (block_h heads x block_k rows): the float32 accumulator [block_h, V] lives in registers
-(64 x 512 is 128 KiB: 8 warps), the row block [block_k, D] in shared memory. Not measured (no GPU
-here): experiments/bench_kernels.py --parts=decode sweeps block_h, block_k, num_warps, num_splits
-at B = 64, S = 128K, T = 1, H = 128, K = 2048.
+Tiles (block_h heads x block_k rows): the float32 accumulator [block_h, V] lives in registers,
+the row block [block_k, D] in shared memory. Default 32 x 64, 8 warps: compiled offline for sm_90a
+(experiments/triton_static.py, pip triton 3.9) it takes 252 registers and spills nothing, where the
+first default, 64 x 32, spilled 1.4 KB per thread (64 x 512 float32 is 128 KiB of accumulator).
+Not timed (no GPU here): experiments/bench_kernels.py --parts=decode_mla sweeps block_h, block_k,
+num_warps, num_splits at B = 64, S = 128K, T = 1, H = 128, K = 2048.
 
 Shapes: L layers, B batch, T queries, S cache rows, H heads, D = Dqk, V = v_dim, R = D - V,
 K selected rows per query, P = num_splits.
@@ -95,7 +97,7 @@ def combine_splits(out, lse, dtype):
     return combined.astype(dtype)
 
 
-def sparse_mla_decode_triton(q, kv_cache, layer, indices, *, scale, v_dim=512, block_h=64, block_k=32, num_warps=8,
+def sparse_mla_decode_triton(q, kv_cache, layer, indices, *, scale, v_dim=512, block_h=32, block_k=64, num_warps=8,
                              num_stages=2, num_splits=1, interpret=False):
     """Same contract as `sparse_mla_decode_reference`: q [B, T, H, D], kv_cache [L, B, S, D] (bf16 or float32,
     read in place), layer int32 scalar (may be traced), indices [B, T, K] -> [B, T, H, v_dim] in q's dtype."""

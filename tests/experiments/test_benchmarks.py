@@ -57,3 +57,23 @@ def test_bench_kernels_every_part(tmp_path):
 def test_model_benchmarks(tmp_path, module, flags, key):
     result, _ = _run(module, tmp_path / "out.json", *flags)
     assert len(result[key]) >= 2
+
+
+def test_triton_static_compiles_every_kernel_offline(tmp_path):
+    """experiments.triton_static compiles one config of each Triton kernel for sm_90a on this CPU machine (pip
+    triton's compiler and ptxas) and reports its resources; the defaults fit an H200's 227 KiB of shared memory."""
+    out = tmp_path / "static.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TRITON_DEFAULT_FP_FUSION="1")
+    flags = ["--index_configs=4:128:8:2,4:128:8:2:loop", "--decode_configs=128:4", "--configs=32:64:4:2",
+             "--bwd_configs=32:32:8:2,32:16:8:2:split", "--decode_mla_configs=32:64:8:1"]
+    proc = subprocess.run([sys.executable, "-m", "experiments.triton_static", f"--static_out={out}", *flags],
+                          check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["kernel"], r["config"], r["call"]) for r in rows] == [
+        ("indexer", "4:128:8:2", 0), ("indexer", "4:128:8:2:loop", 0), ("decode_indexer", "128:4", 0),
+        ("sparse_mla_fwd", "32:64:4:2", 0), ("sparse_mla_bwd", "32:32:8:2", 0),
+        ("sparse_mla_bwd", "32:16:8:2:split", 0), ("sparse_mla_bwd", "32:16:8:2:split", 1),
+        ("decode_mla", "32:64:8:1", 0)]
+    assert all("error" not in r and 0 < r["regs"] <= 255 and r["smem_kib"] <= 227 for r in rows), rows
+    assert all(r["wgmma"] + r["mma"] > 0 for r in rows), rows  # every kernel's matmuls reach the tensor cores

@@ -1,0 +1,171 @@
+"""Static check of the Triton kernels without a GPU: registers, spills, shared memory, MMA kind.
+
+    python -m experiments.triton_static [--kernels=indexer,sparse_mla_fwd,...] [--out=triton_static.json]
+        [--index_configs=...] [--configs=...] [--bwd_configs=...] [--decode_configs=...] [--decode_mla_configs=...]
+
+For each kernel and each tile config of `experiments/bench_kernels.py`'s sweeps (the same flags
+and defaults), at V3.2 shapes, the Pallas kernel is lowered for CUDA on this CPU machine, its
+Triton IR is compiled for sm_90a (H100/H200) by the `triton` package (`pip install triton`; no GPU
+needed: the package ships ptxas), and ptxas reports registers per thread and spilled bytes. Per
+config the table gives:
+  - regs: registers per thread (255 is the cap; 65536 / (regs x 32 x warps) programs fit an SM);
+  - spill: bytes stored + loaded to local memory per thread (should be 0);
+  - smem_kib: shared memory per program (an H200 SM has 227 KiB; more fails to launch);
+  - wgmma / mma: matmuls on Hopper's warpgroup MMA vs the older mma.sync path;
+  - cvt: layout conversions (each a shared-memory round trip unless trivial).
+A config Triton or ptxas rejects is listed with its error. Caveat: XLA compiles Pallas kernels
+with its own bundled Triton, not this package's, so the figures are indicative (a config that
+spills here likely spills there), not measurements; timings need `bench_kernels` on a GPU.
+"""
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from jax._src.pallas.triton import lowering as pallas_triton_lowering  # the Triton IR of each pallas_call
+
+from experiments import bench_kernels as bench
+from pallas_kernels.indexer.triton import indexer_scores_triton
+from pallas_kernels.indexer.triton_decode import indexer_scores_decode_triton
+from pallas_kernels.sparse_mla.triton import sparse_mla_bwd, sparse_mla_fwd
+from pallas_kernels.sparse_mla.triton_decode import sparse_mla_decode_triton
+
+_KERNEL_NAMES = ("indexer", "decode_indexer", "sparse_mla_fwd", "sparse_mla_bwd", "decode_mla")
+_KERNELS = flags.DEFINE_list("kernels", list(_KERNEL_NAMES), f"kernels to check: {_KERNEL_NAMES}")
+_STATIC_OUT = flags.DEFINE_string("static_out", "triton_static.json", "JSON output path")
+_ARCH = flags.DEFINE_integer("arch", 90, "CUDA compute capability to compile for (90: H100/H200)")
+
+sd = jax.ShapeDtypeStruct
+BF16, F32, I32 = jnp.bfloat16, jnp.float32, jnp.int32
+H, DQK, V, K = 128, 576, 512, 2048  # V3.2 attention heads, latent + RoPE dim, value dim, selected rows
+HI, DI = 64, 128                    # indexer heads x dim
+
+
+@contextlib.contextmanager
+def _captured_triton_ir():
+    """Collects the Triton IR (text, no locations) of every pallas_call lowered inside the block."""
+    modules, lower = [], pallas_triton_lowering.lower_jaxpr_to_triton_module
+
+    def capture(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        modules.append(result.module.operation.get_asm(enable_debug_info=False))
+        return result
+
+    pallas_triton_lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        yield modules
+    finally:
+        pallas_triton_lowering.lower_jaxpr_to_triton_module = lower
+
+
+def triton_ir(fn, *args):
+    """Triton IR texts of the pallas_calls in fn(*args), lowered for CUDA (tracing only: nothing runs)."""
+    with _captured_triton_ir() as modules:
+        jax.export.export(jax.jit(fn), platforms=("cuda",), disabled_checks=[
+            jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+    return modules
+
+
+def _ptxas():
+    """The packaged ptxas that reads the PTX this triton emits (the Blackwell one is the newer)."""
+    import triton
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for name in ("ptxas-blackwell", "ptxas"):
+        if os.path.exists(os.path.join(bin_dir, name)):
+            return os.path.join(bin_dir, name)
+    raise FileNotFoundError(f"no ptxas in {bin_dir}")
+
+
+def compile_stats(ttir: str, num_warps: int, num_stages: int, arch: int) -> dict:
+    """Compiles Triton IR for sm_<arch>a with the triton package and returns its resource figures."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ttir")
+        with open(path, "w") as f:
+            f.write(ttir)
+        compiled = triton.compile(path, target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": num_warps, "num_stages": num_stages})
+        ptx = os.path.join(tmp, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        report = subprocess.run([_ptxas(), "-v", f"--gpu-name=sm_{arch}a", ptx, "-o", os.devnull],
+                                capture_output=True, text=True, check=True).stderr
+    ttgir = compiled.asm["ttgir"]
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
+    return {"regs": int(re.search(r"Used (\d+) registers", report).group(1)), "spill": sum(spills),
+            "smem_kib": compiled.metadata.shared / 1024, "wgmma": ttgir.count("ttng.warp_group_dot"),
+            "mma": len(re.findall(r"= tt\.dot ", ttgir)), "cvt": ttgir.count("ttg.convert_layout")}
+
+
+def _cases():
+    """(kernel, config, tiles {num_warps, num_stages}, fn, args) for every selected kernel and config."""
+    for cfg in bench._INDEX_CONFIGS.value:
+        tiles = bench._index_tiles(cfg)
+        args = (sd((1, 512, HI, DI), BF16), sd((1, 65536, DI), BF16), sd((1, 512, HI), F32), sd((1, 65536), F32),
+                sd((1,), I32), sd((512,), I32))
+        yield "indexer", cfg, tiles, lambda *a, tiles=tiles: indexer_scores_triton(*a, q_offset=65536 - 512, **tiles), args
+    for cfg in bench._DECODE_CONFIGS.value:
+        block_s, warps = map(int, cfg.split(":"))
+        tiles = {"block_s": block_s, "num_warps": warps, "num_stages": 1}
+        args = (sd((64, 1, HI, DI), BF16), sd((2, 64, 131072, DI), BF16), sd((64, 1, HI), F32), sd((), I32),
+                sd((64, 1), I32))
+        yield ("decode_indexer", cfg, tiles,
+               lambda *a, tiles=tiles: indexer_scores_decode_triton(*a, **tiles), args)
+    mla = (sd((1, 128, H, DQK), BF16), sd((1, 4096, DQK), BF16), sd((1, 128, K), I32))
+    for cfg in bench._CONFIGS.value:
+        bh, bk, w, s = map(int, cfg.split(":"))
+        tiles = {"block_h": bh, "block_k": bk, "num_warps": w, "num_stages": s}
+        yield ("sparse_mla_fwd", cfg, tiles,
+               lambda *a, tiles=tiles: sparse_mla_fwd(*a, scale=DQK**-0.5, v_dim=V, **tiles), mla)
+    out = (sd((1, 128, H, V), BF16), sd((1, 128, H), F32), sd((1, 128, H, V), BF16))
+    for cfg in bench._BWD_CONFIGS.value:
+        tiles = bench._bwd_tiles(cfg)
+        yield ("sparse_mla_bwd", cfg, tiles,
+               lambda *a, tiles=tiles: sparse_mla_bwd(*a, scale=DQK**-0.5, v_dim=V, **tiles), mla + out)
+    for cfg in bench._DECODE_MLA_CONFIGS.value:
+        bh, bk, w, splits = map(int, cfg.split(":"))
+        tiles = {"block_h": bh, "block_k": bk, "num_warps": w, "num_splits": splits}
+        args = (sd((64, 1, H, DQK), BF16), sd((2, 64, 131072, DQK), BF16), sd((), I32), sd((64, 1, K), I32))
+        yield ("decode_mla", cfg, tiles,
+               lambda *a, tiles=tiles: sparse_mla_decode_triton(*a, scale=DQK**-0.5, v_dim=V, **tiles), args)
+
+
+def main(argv):
+    del argv
+    if not set(_KERNELS.value) <= set(_KERNEL_NAMES):
+        raise SystemExit(f"--kernels: expected a subset of {_KERNEL_NAMES}, got {_KERNELS.value}")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise SystemExit("experiments.triton_static needs the triton package: pip install triton") from None
+    print(f"{'kernel':16s} {'config':18s} {'call':>4s} {'regs':>5s} {'spill':>6s} {'smem_kib':>8s} {'wgmma':>5s} "
+          f"{'mma':>4s} {'cvt':>4s}")
+    rows = []
+    for kernel, cfg, tiles, fn, args in _cases():
+        if kernel not in _KERNELS.value:
+            continue
+        warps, stages = tiles.get("num_warps", 4), tiles.get("num_stages", 2)
+        for call, ttir in enumerate(triton_ir(fn, *args)):  # the split backward has two kernels
+            row = {"kernel": kernel, "config": cfg, "call": call}
+            try:
+                row |= compile_stats(ttir, warps, stages, _ARCH.value)
+                print(f"{kernel:16s} {cfg:18s} {call:>4d} {row['regs']:>5d} {row['spill']:>6d} "
+                      f"{row['smem_kib']:>8.1f} {row['wgmma']:>5d} {row['mma']:>4d} {row['cvt']:>4d}", flush=True)
+            except Exception as e:  # a config Triton or ptxas rejects (shared memory, registers)
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                print(f"{kernel:16s} {cfg:18s} {call:>4d} failed: {row['error'][:200]}", flush=True)
+            rows.append(row)
+    with open(_STATIC_OUT.value, "w") as f:
+        json.dump({"arch": _ARCH.value, "rows": rows}, f, indent=1)
+    print(f"wrote {_STATIC_OUT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)
