@@ -8,9 +8,12 @@ and defaults), at V3.2 shapes, the Pallas kernel is lowered for CUDA on this CPU
 Triton IR is compiled for sm_90a (H100/H200) by the `triton` package (`pip install triton`; no GPU
 needed: the package ships ptxas), and ptxas reports registers per thread and spilled bytes. Per
 config the table gives:
-  - regs: registers per thread (255 is the cap; 65536 / (regs x 32 x warps) programs fit an SM);
+  - regs: registers per thread (255 is the cap);
   - spill: bytes stored + loaded to local memory per thread (should be 0);
   - smem_kib: shared memory per program (an H200 SM has 227 KiB; more fails to launch);
+  - per_sm: programs resident per SM, the fewest that registers (65536 per SM, allocated in
+    steps of 8 per thread), shared memory (228 KiB, 1 KiB reserved per program) and warps (64)
+    allow: 1 means no other program hides this one's memory latency;
   - wgmma / mma: matmuls on Hopper's warpgroup MMA vs the older mma.sync path;
   - cvt: layout conversions (each a shared-memory round trip unless trivial).
 A config Triton or ptxas rejects is listed with its error. Caveat: XLA compiles Pallas kernels
@@ -28,7 +31,9 @@ import tempfile
 import jax
 import jax.numpy as jnp
 from absl import app, flags
-from jax._src.pallas.triton import lowering as pallas_triton_lowering  # the Triton IR of each pallas_call
+from jax._src.pallas.triton import (
+    lowering as pallas_triton_lowering,  # the Triton IR of each pallas_call
+)
 
 from experiments import bench_kernels as bench
 from pallas_kernels.indexer.triton import indexer_scores_triton
@@ -99,9 +104,11 @@ def compile_stats(ttir: str, num_warps: int, num_stages: int, arch: int) -> dict
                                 capture_output=True, text=True, check=True).stderr
     ttgir = compiled.asm["ttgir"]
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
-    return {"regs": int(re.search(r"Used (\d+) registers", report).group(1)), "spill": sum(spills),
-            "smem_kib": compiled.metadata.shared / 1024, "wgmma": ttgir.count("ttng.warp_group_dot"),
-            "mma": len(re.findall(r"= tt\.dot ", ttgir)), "cvt": ttgir.count("ttg.convert_layout")}
+    regs, smem = int(re.search(r"Used (\d+) registers", report).group(1)), compiled.metadata.shared
+    per_sm = min(65536 // (-(-regs // 8) * 8 * 32 * num_warps), 228 * 1024 // (smem + 1024), 64 // num_warps)
+    return {"regs": regs, "spill": sum(spills), "smem_kib": smem / 1024, "per_sm": per_sm,
+            "wgmma": ttgir.count("ttng.warp_group_dot"), "mma": len(re.findall(r"= tt\.dot ", ttgir)),
+            "cvt": ttgir.count("ttg.convert_layout")}
 
 
 def _cases():
@@ -145,8 +152,8 @@ def main(argv):
         import triton  # noqa: F401
     except ImportError:
         raise SystemExit("experiments.triton_static needs the triton package: pip install triton") from None
-    print(f"{'kernel':16s} {'config':18s} {'call':>4s} {'regs':>5s} {'spill':>6s} {'smem_kib':>8s} {'wgmma':>5s} "
-          f"{'mma':>4s} {'cvt':>4s}")
+    print(f"{'kernel':16s} {'config':18s} {'call':>4s} {'regs':>5s} {'spill':>6s} {'smem_kib':>8s} {'per_sm':>6s} "
+          f"{'wgmma':>5s} {'mma':>4s} {'cvt':>4s}")
     rows = []
     for kernel, cfg, tiles, fn, args in _cases():
         if kernel not in _KERNELS.value:
@@ -157,7 +164,8 @@ def main(argv):
             try:
                 row |= compile_stats(ttir, warps, stages, _ARCH.value)
                 print(f"{kernel:16s} {cfg:18s} {call:>4d} {row['regs']:>5d} {row['spill']:>6d} "
-                      f"{row['smem_kib']:>8.1f} {row['wgmma']:>5d} {row['mma']:>4d} {row['cvt']:>4d}", flush=True)
+                      f"{row['smem_kib']:>8.1f} {row['per_sm']:>6d} {row['wgmma']:>5d} {row['mma']:>4d} "
+                      f"{row['cvt']:>4d}", flush=True)
             except Exception as e:  # a config Triton or ptxas rejects (shared memory, registers)
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 print(f"{kernel:16s} {cfg:18s} {call:>4d} failed: {row['error'][:200]}", flush=True)
