@@ -117,7 +117,7 @@ _DECODE_QUERIES = flags.DEFINE_integer("decode_queries", 1, "decode: queries per
 _DECODE_LAYERS = flags.DEFINE_integer("decode_layers", 2, "decode: layers L of the stacked cache (the last is read)")
 _DECODE_CONFIGS = flags.DEFINE_list("decode_configs", ["128:4", "256:4", "256:8", "64:4"],
                                     "decode kernel tiles block_s:num_warps, ...")
-_DECODE_MLA_CONFIGS = flags.DEFINE_list("decode_mla_configs", ["32:64:8:1", "32:64:4:1", "64:32:8:1", "32:64:8:2"],
+_DECODE_MLA_CONFIGS = flags.DEFINE_list("decode_mla_configs", ["32:64:4:1", "32:64:8:1", "64:32:8:1", "32:64:4:2"],
                                         "decode sparse MLA tiles block_h:block_k:num_warps:num_splits, ...")
 
 
