@@ -162,21 +162,43 @@ def _row(name, t, seconds, flops, nbytes, peak_tflops=None):
     return row
 
 
-def _tiles(cfg, flag, names, suffix, variant):
+def _tiles(cfg, flag, names, suffix=None, variant=None):
     """Keywords of a --flag entry: int fields `names` joined by ":", then optionally ":suffix" (variant=True)."""
     fields = cfg.split(":")
-    if len(fields) not in (len(names), len(names) + 1) or fields[len(names):] not in ([], [suffix]):
-        raise ValueError(f"--{flag} entry {cfg!r}: want {':'.join(names)}[:{suffix}]")
-    return dict(zip(names, map(int, fields[:len(names)]))) | {variant: len(fields) > len(names)}
+    extra = [[], [suffix]] if suffix else [[]]
+    if len(fields) < len(names) or fields[len(names):] not in extra:
+        raise ValueError(f"--{flag} entry {cfg!r}: want {':'.join(names)}{f'[:{suffix}]' if suffix else ''}")
+    tiles = dict(zip(names, map(int, fields[:len(names)])))
+    return tiles | {variant: len(fields) > len(names)} if suffix else tiles
 
 
-def _index_tiles(cfg):
+def fwd_tiles(cfg):
+    """sparse_mla_fwd's keywords of a --configs entry."""
+    return _tiles(cfg, "configs", ("block_h", "block_k", "num_warps", "num_stages"))
+
+
+def bwd_tiles(cfg):
+    """sparse_mla_bwd's keywords of a --bwd_configs entry (":split": dq and dkv in two kernels)."""
+    return _tiles(cfg, "bwd_configs", ("block_h", "block_k", "num_warps", "num_stages"), "split", "split_dkv")
+
+
+def index_tiles(cfg):
     """indexer_topk_triton's keywords of an --index_configs entry (":loop": the key-loop kernel)."""
     return _tiles(cfg, "index_configs", ("block_t", "block_s", "num_warps", "num_stages"), "loop", "key_loop")
 
 
+def decode_tiles(cfg):
+    """The decode indexer's keywords of a --decode_configs entry."""
+    return _tiles(cfg, "decode_configs", ("block_s", "num_warps"))
+
+
+def decode_mla_tiles(cfg):
+    """sparse_mla_decode_triton's keywords of a --decode_mla_configs entry."""
+    return _tiles(cfg, "decode_mla_configs", ("block_h", "block_k", "num_warps", "num_splits"))
+
+
 def _index_label(cfg):
-    return f"{'key-loop' if _index_tiles(cfg)['key_loop'] else 'grid'} [{cfg}]"
+    return f"{'key-loop' if index_tiles(cfg)['key_loop'] else 'grid'} [{cfg}]"
 
 
 def _indexer_split(t, q, kk, ww, cfg):
@@ -187,7 +209,7 @@ def _indexer_split(t, q, kk, ww, cfg):
     positions = jnp.arange(t - chunk, t, dtype=jnp.int32)
     ones, k_len = jnp.ones((1, t), jnp.float32), jnp.full((1,), t, jnp.int32)
     scores_fn = jax.jit(lambda q_c, kk, w_c: indexer_scores_triton(
-        q_c, kk, w_c, ones, k_len, positions, interpret=_INTERPRET.value, **_index_tiles(cfg)))
+        q_c, kk, w_c, ones, k_len, positions, interpret=_INTERPRET.value, **index_tiles(cfg)))
     scores = scores_fn(q_c, kk, w_c)[0]  # [chunk, t] float32
     select = jax.jit(lambda x: topk_lib.select_topk(x, k))
     lax_topk = jax.jit(lambda x: jax.lax.top_k(x, min(k, t))[1])
@@ -213,7 +235,7 @@ def _indexer(sparse_seconds):
                 jax.random.normal(kw, (1, t, h), jnp.float32))
 
     def kernel_fn(cfg, segments=8):
-        tiles = _index_tiles(cfg)
+        tiles = index_tiles(cfg)
         return jax.jit(lambda q, kk, ww: indexer_topk_triton(q, kk, ww, topk=k, segments=segments,
                                                              interpret=_INTERPRET.value, **tiles))
 
@@ -249,7 +271,7 @@ def _indexer(sparse_seconds):
     # The fastest config of each kernel (grid, key-loop): both are timed at every length.
     bests = {}
     for cfg in sorted(sweep, key=sweep.get):
-        bests.setdefault(_index_tiles(cfg)["key_loop"], cfg)
+        bests.setdefault(index_tiles(cfg)["key_loop"], cfg)
     if len(bests) == 2:
         grid, loop = bests[False], bests[True]
         print(f"indexer at T={_SWEEP_LEN.value}: key-loop [{loop}] {sweep[loop] * 1e3:.2f} ms vs grid [{grid}] "
@@ -264,8 +286,7 @@ def _indexer(sparse_seconds):
         # The baseline of the causal runs: every chunk scored and top-k'd against all T keys.
         one_run = _time(kernel_fn(best, segments=1), q, kk, ww)
         rows.append(_row(f"indexer_topk pallas 1 run {_index_label(best)}", t, one_run, flops(t), nbytes(t)))
-        print(f"indexer at T={t}: causal runs {one_run / per_kernel[best]:.2f}x "
-              "faster than 1 run", flush=True)
+        print(f"indexer at T={t}: causal runs {one_run / per_kernel[best]:.2f}x faster than 1 run", flush=True)
         # FP8 e4m3 q and k (V3.2's indexer inputs; unit key scales): the same kernel on Hopper's fp8 MMA.
         q8, k8 = q.astype(jnp.float8_e4m3fn), kk.astype(jnp.float8_e4m3fn)
         rows.append(_row(f"indexer_topk pallas fp8 {_index_label(best)}", t, _time(kernel_fn(best), q8, k8, ww),
@@ -300,10 +321,9 @@ def _decode():
     agreement = lambda got, ref: float(jnp.mean(jnp.sort(got, axis=-1) == jnp.sort(ref, axis=-1)))
 
     def kernel_fn(cfg, scores_only=False):
-        bs, nw = map(int, cfg.split(":"))
         fn = indexer_scores_decode_triton if scores_only else functools.partial(indexer_topk_decode_triton, topk=k)
-        return jax.jit(lambda q, kc, w, layer, kl, ks: fn(q, kc, w, layer, kl, k_scale=ks, block_s=bs, num_warps=nw,
-                                                          interpret=_INTERPRET.value))
+        fn = functools.partial(fn, interpret=_INTERPRET.value, **decode_tiles(cfg))
+        return jax.jit(lambda q, kc, w, layer, kl, ks: fn(q, kc, w, layer, kl, k_scale=ks))
 
     reference = jax.jit(lambda q, kc, w, layer, kl, ks: indexer_topk_decode_reference(q, kc, w, layer, kl, topk=k,
                                                                                         k_scale=ks))
@@ -378,10 +398,8 @@ def _decode_attention(scale, v):
         return out
 
     def kernel_fn(cfg):
-        bh, bk, nw, ns = map(int, cfg.split(":"))
-        return jax.jit(lambda q, kv, layer, idx: sparse_mla_decode_triton(
-            q, kv, layer, idx, scale=scale, v_dim=v, block_h=bh, block_k=bk, num_warps=nw, num_splits=ns,
-            interpret=_INTERPRET.value))
+        return jax.jit(functools.partial(sparse_mla_decode_triton, scale=scale, v_dim=v, interpret=_INTERPRET.value,
+                                         **decode_mla_tiles(cfg)))
 
     reference = jax.jit(lambda q, kv, layer, idx: sparse_mla_decode_reference(q, kv, layer, idx, scale=scale, v_dim=v))
 
@@ -405,11 +423,6 @@ def _decode_attention(scale, v):
     return rows
 
 
-def _bwd_tiles(cfg):
-    """sparse_mla_bwd's keywords of a --bwd_configs entry (":split": dq and dkv in two kernels)."""
-    return _tiles(cfg, "bwd_configs", ("block_h", "block_k", "num_warps", "num_stages"), "split", "split_dkv")
-
-
 def _backward(scale, v):
     """Checks the backward kernel against the reference VJP on the device, then times it."""
     rows = []
@@ -428,7 +441,7 @@ def _backward(scale, v):
         timed = {}
         for cfg in _BWD_CONFIGS.value:
             fn = jax.jit(functools.partial(sparse_mla_bwd, scale=scale, v_dim=v, interpret=_INTERPRET.value,
-                                           **_bwd_tiles(cfg)))
+                                           **bwd_tiles(cfg)))
             try:
                 if t == check_len:
                     got = fn(q, kv, idx, out, lse, d_out)
@@ -444,7 +457,7 @@ def _backward(scale, v):
         if timed:  # the launch order first measured, for the fastest config
             best = min(timed, key=timed.get)
             fn = jax.jit(functools.partial(sparse_mla_bwd, scale=scale, v_dim=v, interpret=_INTERPRET.value,
-                                           head_major=False, **_bwd_tiles(best)))
+                                           head_major=False, **bwd_tiles(best)))
             rows.append(_row(f"sparse_mla bwd pallas query-major [{best}]", t, _time(fn, q, kv, idx, out, lse, d_out),
                              flops, nbytes))
         if t != check_len and t <= _MAX_REF_BWD.value:  # the reference's VJP keeps every gathered row
@@ -460,10 +473,9 @@ def _sparse_mla_forward(scale, v):
     Returns (rows, {T: best forward seconds}, best config, {config: max abs error})."""
 
     def kernel_fn(cfg, head_major=True):
-        bh, bk, w, s = map(int, cfg.split(":"))
-        return jax.jit(lambda q, kv, idx: sparse_mla_fwd(q, kv, idx, scale=scale, v_dim=v, block_h=bh, block_k=bk,
-                                                          num_warps=w, num_stages=s, head_major=head_major,
-                                                          interpret=_INTERPRET.value)[0])
+        fwd = functools.partial(sparse_mla_fwd, scale=scale, v_dim=v, head_major=head_major, interpret=_INTERPRET.value,
+                                **fwd_tiles(cfg))
+        return jax.jit(lambda q, kv, idx: fwd(q, kv, idx)[0])
 
     q, kv, idx = _inputs(_CHECK_LEN.value, jax.random.PRNGKey(0))
     ref = sparse_mla_reference(q.astype(jnp.float32), kv.astype(jnp.float32), idx, scale=scale, v_dim=v)

@@ -22,6 +22,7 @@ spills here likely spills there), not measurements; timings need `bench_kernels`
 """
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -69,12 +70,18 @@ def _captured_triton_ir():
         pallas_triton_lowering.lower_jaxpr_to_triton_module = lower
 
 
-def triton_ir(fn, *args):
-    """Triton IR texts of the pallas_calls in fn(*args), lowered for CUDA (tracing only: nothing runs)."""
+def triton_kernels(fn, *args):
+    """[(Triton IR text, num_warps, num_stages)] of the pallas_calls in fn(*args), lowered for CUDA (tracing only:
+    nothing runs). The warps and stages are the ones the kernel passes, read from its custom call."""
     with _captured_triton_ir() as modules:
-        jax.export.export(jax.jit(fn), platforms=("cuda",), disabled_checks=[
+        exported = jax.export.export(jax.jit(fn), platforms=("cuda",), disabled_checks=[
             jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
-    return modules
+    calls = {}
+    for line in exported.mlir_module().splitlines():
+        if "__gpu$xla.gpu.triton" in line:
+            name = re.search(r'name = "(\w+)"', line).group(1)
+            calls[name] = tuple(int(re.search(rf"{key} = (\d+)", line).group(1)) for key in ("num_warps", "num_stages"))
+    return [(ir, *calls[re.search(r"tt\.func public @(\w+)", ir).group(1)]) for ir in modules]
 
 
 def _ptxas():
@@ -112,36 +119,28 @@ def compile_stats(ttir: str, num_warps: int, num_stages: int, arch: int) -> dict
 
 
 def _cases():
-    """(kernel, config, tiles {num_warps, num_stages}, fn, args) for every selected kernel and config."""
+    """(kernel, config, fn, args) for every configured tile of every kernel, at V3.2 shapes."""
     for cfg in bench._INDEX_CONFIGS.value:
-        tiles = bench._index_tiles(cfg)
         args = (sd((1, 512, HI, DI), BF16), sd((1, 65536, DI), BF16), sd((1, 512, HI), F32), sd((1, 65536), F32),
                 sd((1,), I32), sd((512,), I32))
-        yield "indexer", cfg, tiles, lambda *a, tiles=tiles: indexer_scores_triton(*a, q_offset=65536 - 512, **tiles), args
+        scores = functools.partial(indexer_scores_triton, q_offset=65536 - 512, **bench.index_tiles(cfg))
+        yield "indexer", cfg, scores, args
     for cfg in bench._DECODE_CONFIGS.value:
-        block_s, warps = map(int, cfg.split(":"))
-        tiles = {"block_s": block_s, "num_warps": warps, "num_stages": 1}
         args = (sd((64, 1, HI, DI), BF16), sd((2, 64, 131072, DI), BF16), sd((64, 1, HI), F32), sd((), I32),
                 sd((64, 1), I32))
-        yield ("decode_indexer", cfg, tiles,
-               lambda *a, tiles=tiles: indexer_scores_decode_triton(*a, **tiles), args)
+        yield "decode_indexer", cfg, functools.partial(indexer_scores_decode_triton, **bench.decode_tiles(cfg)), args
     mla = (sd((1, 128, H, DQK), BF16), sd((1, 4096, DQK), BF16), sd((1, 128, K), I32))
     for cfg in bench._CONFIGS.value:
-        bh, bk, w, s = map(int, cfg.split(":"))
-        tiles = {"block_h": bh, "block_k": bk, "num_warps": w, "num_stages": s}
-        yield ("sparse_mla_fwd", cfg, tiles,
-               lambda *a, tiles=tiles: sparse_mla_fwd(*a, scale=DQK**-0.5, v_dim=V, **tiles), mla)
+        fwd = functools.partial(sparse_mla_fwd, scale=DQK**-0.5, v_dim=V, **bench.fwd_tiles(cfg))
+        yield "sparse_mla_fwd", cfg, fwd, mla
     out = (sd((1, 128, H, V), BF16), sd((1, 128, H), F32), sd((1, 128, H, V), BF16))
     for cfg in bench._BWD_CONFIGS.value:
-        tiles = bench._bwd_tiles(cfg)
-        yield ("sparse_mla_bwd", cfg, tiles,
-               lambda *a, tiles=tiles: sparse_mla_bwd(*a, scale=DQK**-0.5, v_dim=V, **tiles), mla + out)
+        bwd = functools.partial(sparse_mla_bwd, scale=DQK**-0.5, v_dim=V, **bench.bwd_tiles(cfg))
+        yield "sparse_mla_bwd", cfg, bwd, mla + out
     for cfg in bench._DECODE_MLA_CONFIGS.value:
-        bh, bk, w, splits = map(int, cfg.split(":"))
-        tiles = {"block_h": bh, "block_k": bk, "num_warps": w, "num_splits": splits}
         args = (sd((64, 1, H, DQK), BF16), sd((2, 64, 131072, DQK), BF16), sd((), I32), sd((64, 1, K), I32))
-        yield ("decode_mla", cfg, tiles,
-               lambda *a, tiles=tiles: sparse_mla_decode_triton(*a, scale=DQK**-0.5, v_dim=V, **tiles), args)
+        decode = functools.partial(sparse_mla_decode_triton, scale=DQK**-0.5, v_dim=V, **bench.decode_mla_tiles(cfg))
+        yield "decode_mla", cfg, decode, args
 
 
 def main(argv):
@@ -155,11 +154,10 @@ def main(argv):
     print(f"{'kernel':16s} {'config':18s} {'call':>4s} {'regs':>5s} {'spill':>6s} {'smem_kib':>8s} {'per_sm':>6s} "
           f"{'wgmma':>5s} {'mma':>4s} {'cvt':>4s}")
     rows = []
-    for kernel, cfg, tiles, fn, args in _cases():
+    for kernel, cfg, fn, args in _cases():
         if kernel not in _KERNELS.value:
             continue
-        warps, stages = tiles.get("num_warps", 4), tiles.get("num_stages", 2)
-        for call, ttir in enumerate(triton_ir(fn, *args)):  # the split backward has two kernels
+        for call, (ttir, warps, stages) in enumerate(triton_kernels(fn, *args)):  # the split backward has two
             row = {"kernel": kernel, "config": cfg, "call": call}
             try:
                 row |= compile_stats(ttir, warps, stages, _ARCH.value)
