@@ -46,9 +46,9 @@ import jax.numpy as jnp
 import numpy as np
 
 _SIGN = np.uint32(0x80000000)
-_MIN_FINITE = np.uint32(0x00800000)  # key of -3.4e38 (the lowest finite float); -inf's key is just below
-_SAMPLE_STRIDE = 16
-_SAMPLE_BITS = 20  # the sample's bound needs no more: a 2^-11 relative bucket
+MIN_FINITE_KEY = np.uint32(0x00800000)  # key of -3.4e38 (the lowest finite float); -inf's key is just below
+SAMPLE_STRIDE = 16
+SAMPLE_BITS = 20  # the sample's bound needs no more: a 2^-11 relative bucket
 
 
 def sortable_key(x):
@@ -124,7 +124,7 @@ def _compact(words, slots):
 def _select(keys, kk):
     """Positions [R, kk] (ascending) of the kk largest keys of each row [R, N]; -1 past the finite count."""
     # Clamping t to the lowest finite key keeps -inf out: the row then selects all its finite keys.
-    t = jnp.maximum(kth_largest_key(keys, kk), _MIN_FINITE)[:, None]
+    t = jnp.maximum(kth_largest_key(keys, kk), MIN_FINITE_KEY)[:, None]
     gt, eq = _pack(keys > t), _pack(keys == t)
     need = kk - jnp.sum(_popcount(gt), axis=-1, keepdims=True)  # ties to take, lowest index first
     eq_counts = _popcount(eq)
@@ -134,7 +134,7 @@ def _select(keys, kk):
     return _compact(gt | kept, kk)
 
 
-def sample_plan(s, kk, stride=_SAMPLE_STRIDE):
+def sample_plan(s, kk, stride=SAMPLE_STRIDE):
     """(sample rank r, buffer size) of the sampled path for rows of s keys, or None where it saves nothing."""
     mean = kk / stride
     rank = math.ceil(mean + 6 * math.sqrt(mean)) + 8
@@ -145,16 +145,16 @@ def sample_plan(s, kk, stride=_SAMPLE_STRIDE):
 def _sampled_candidates(x, kk, rank, buffer, stride):
     """(bitmask words [R, W] of every score of x [R, S] >= a sampled lower bound; ok [R])."""
     # Keys are computed where each is read (the sample, then one pass of the full rows), never stored.
-    lo = jnp.maximum(kth_largest_key(sortable_key(x[:, ::stride]), rank, bits=_SAMPLE_BITS), _MIN_FINITE)[:, None]
+    lo = jnp.maximum(kth_largest_key(sortable_key(x[:, ::stride]), rank, bits=SAMPLE_BITS), MIN_FINITE_KEY)[:, None]
     words = _pack(sortable_key(x) >= lo)
     count = jnp.sum(_popcount(words), axis=-1)
     # Exact when the buffer holds every key >= lo and those include the top kk (count >= kk) or
     # every finite key (lo is the lowest finite key).
-    ok = (count <= buffer) & ((count >= kk) | (lo[:, 0] == _MIN_FINITE))
+    ok = (count <= buffer) & ((count >= kk) | (lo[:, 0] == MIN_FINITE_KEY))
     return words, ok
 
 
-def sampled_rows_ok(scores, k, *, sample_stride=_SAMPLE_STRIDE):
+def sampled_rows_ok(scores, k, *, sample_stride=SAMPLE_STRIDE):
     """bool [...]: rows of scores [..., S] whose sampled buffer holds their exact top-k.
 
     `select_topk` takes the sampled path when every row's is (all True also where rows are too
@@ -168,7 +168,7 @@ def sampled_rows_ok(scores, k, *, sample_stride=_SAMPLE_STRIDE):
     return _sampled_candidates(scores.reshape(-1, s), kk, *plan, sample_stride)[1].reshape(scores.shape[:-1])
 
 
-def select_topk(scores, k, *, sample_stride=_SAMPLE_STRIDE):
+def select_topk(scores, k, *, sample_stride=SAMPLE_STRIDE):
     """int32 [..., k]: indices of the k largest of each row of scores [..., S] (see the module docstring)."""
     if k < 1:
         raise ValueError(f"select_topk: k must be >= 1, got {k}")

@@ -59,6 +59,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.chunking import causal_segments, map_chunks, map_query_chunks
 from pallas_kernels.tiles import next_pow2, rows_per_call
 from pallas_kernels.topk import select_topk
+from pallas_kernels.topk_triton import select_topk_triton
 
 BLOCK_T, BLOCK_S = 4, 128  # default tiles: queries x keys per program
 
@@ -179,12 +180,14 @@ def indexer_scores_triton(q, k, w, k_scale, k_len, positions, *, q_offset=0, blo
 
 
 def indexer_topk_triton(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, chunk_size=512, segments=8,
-                        interpret=False, block_t=BLOCK_T, block_s=BLOCK_S, key_loop=False, **tiles):
+                        topk_kernel=False, interpret=False, block_t=BLOCK_T, block_s=BLOCK_S, key_loop=False, **tiles):
     """Same contract as `indexer_topk_reference` (int32 [B, T, topk], -1 for empty slots), indices ascending.
 
     segments: the queries run in up to this many causal runs (`chunking.causal_segments`), each
     scored and top-k'd against only the keys its last query sees (1: every chunk against the keys
     of the last query, min(S, T + q_offset)).
+    topk_kernel: each chunk's top-k by `select_topk_triton` (one kernel, a program per row) instead of
+    `select_topk` (XLA); the same indices in the same order.
     key_loop: score with the key-loop kernel (`indexer_scores_triton`); tiles: its num_warps, num_stages.
     """
     b, t = q.shape[:2]
@@ -206,7 +209,9 @@ def indexer_topk_triton(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, 
                 scores = indexer_scores_triton(q_c, k, w_c, k_scale, k_len, start + positions, q_offset=q_offset,
                                                block_t=block_t, block_s=block_s, key_loop=key_loop,
                                                interpret=interpret, **tiles)
-                return select_topk(scores, topk)  # masked scores are -inf: never selected, -1 past the valid keys
+                # Masked scores are -inf: never selected, -1 past the valid keys.
+                return (select_topk_triton(scores, topk, interpret=interpret) if topk_kernel
+                        else select_topk(scores, topk))
 
             return map_query_chunks(chunk, chunk_size, q_r, w_r)
 

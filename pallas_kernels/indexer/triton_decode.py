@@ -40,6 +40,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.tiles import next_pow2, overflows_offsets
 from pallas_kernels.topk import select_topk
+from pallas_kernels.topk_triton import select_topk_triton
 
 
 def _scores_kernel(layer_ref, klen_ref, q_ref, w_ref, k_ref, *rest, block_s, num_keys):
@@ -118,9 +119,14 @@ def indexer_scores_decode_triton(q, k_cache, w, layer, k_len, k_scale=None, *, b
     )(*args)
 
 
-def indexer_topk_decode_triton(q, k_cache, w, layer, k_len, *, topk, k_scale=None, interpret=False, **tiles):
-    """Same contract as `indexer_topk_decode_reference`: int32 [B, T, topk], -1 for empty slots, indices ascending."""
+def indexer_topk_decode_triton(q, k_cache, w, layer, k_len, *, topk, k_scale=None, topk_kernel=False, interpret=False,
+                               **tiles):
+    """Same contract as `indexer_topk_decode_reference`: int32 [B, T, topk], -1 for empty slots, indices ascending.
+
+    topk_kernel: the top-k by `select_topk_triton` (one kernel) instead of `select_topk` (XLA); same result.
+    """
     t = q.shape[1]
     scores = indexer_scores_decode_triton(q, k_cache, w, layer, k_len, k_scale, interpret=interpret, **tiles)
     # -inf scores (masked or padded keys) are never selected; -1 fills the slots past the valid keys.
-    return select_topk(scores[:, :t], topk)
+    scores = scores[:, :t]
+    return select_topk_triton(scores, topk, interpret=interpret) if topk_kernel else select_topk(scores, topk)

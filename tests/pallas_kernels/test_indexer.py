@@ -162,3 +162,14 @@ def test_key_loop_topk_fp8_k_len_ties_match_reference():
                                key_loop=True)
     np.testing.assert_array_equal(np.asarray(ties)[0, :, :], np.where(np.arange(6) <= np.arange(19)[:, None],
                                                                       np.arange(6), -1))
+
+
+@pytest.mark.parametrize("s", [60, 1200])  # rows too short to sample; long enough (buffer 560 at topk 8)
+def test_topk_kernel_equals_select_topk(s):
+    """topk_kernel=True (select_topk_triton on each chunk's scores) returns select_topk's indices, order and -1
+    slots included: 3 causal runs (q_offset), per-row k_len."""
+    q, k, w, k_scale, kl = random_inputs(2, 24, s, 4, 16, [s, s // 3], jnp.float32)
+    run = lambda topk_kernel: np.asarray(indexer_topk_triton(
+        q, k, w, topk=8, k_scale=k_scale, q_offset=s - 24, k_len=kl, chunk_size=8, topk_kernel=topk_kernel,
+        interpret=True, block_t=4, block_s=128))
+    np.testing.assert_array_equal(run(True), run(False))

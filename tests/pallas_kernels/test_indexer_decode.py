@@ -154,3 +154,12 @@ def test_mosaic_kernel_lowers_for_tpu_in_place(dtype):
     module = jax.export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
     assert module.count("tpu_custom_call") == 1
     assert not any("dynamic_slice" in line and f"{s}x{d}x" in line for line in module.splitlines())
+
+
+def test_topk_kernel_equals_select_topk():
+    """topk_kernel=True (select_topk_triton on the scores) returns select_topk's indices, order and -1 slots
+    included (ragged k_len, a query with no key)."""
+    q, k_cache, w, k_scale, k_len = decode_inputs(3, jnp.bfloat16)
+    run = lambda topk_kernel: np.asarray(indexer_topk_decode_triton(
+        q, k_cache, w, 1, k_len, topk=TOPK, k_scale=k_scale, topk_kernel=topk_kernel, block_s=64, interpret=True))
+    np.testing.assert_array_equal(run(True), run(False))

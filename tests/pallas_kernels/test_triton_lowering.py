@@ -13,7 +13,8 @@ fall back to a copy of the layer (32-bit offsets). The prefill indexer runs the 
 where an fp8 query chunk or k of 2-4 GiB would overflow them: no fp8 operand of a Triton call
 lies in that range. The prefill indexer's key-loop variant lowers at B = 1, a 512-query chunk,
 S = 64K keys (bf16 and fp8). At T = S = 64K the prefill indexer calls its scores kernel once per
-causal run, each with only the keys that run sees.
+causal run, each with only the keys that run sees. The top-k kernel (`select_topk_triton`) lowers
+on a [512, 64K] block of scores, and behind the prefill and decode indexers (`topk_kernel=True`).
 """
 
 import math
@@ -26,6 +27,7 @@ import pytest
 from pallas_kernels.indexer.triton import indexer_scores_triton, indexer_topk_triton
 from pallas_kernels.indexer.triton_decode import indexer_topk_decode_triton
 from pallas_kernels.sparse_mla import triton as sparse_mla_triton
+from pallas_kernels.topk_triton import select_topk_triton
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 sd = jax.ShapeDtypeStruct
@@ -59,21 +61,28 @@ def key_loop_case(dtype):
 
 
 KERNELS |= {"indexer_topk_key_loop": key_loop_case(jnp.bfloat16),
-            "indexer_topk_key_loop_fp8": key_loop_case(jnp.float8_e4m3fn)}
+            "indexer_topk_key_loop_fp8": key_loop_case(jnp.float8_e4m3fn),
+            # The top-k as a kernel: one [chunk, S] scores block (sampled path), then behind the scores kernel.
+            "select_topk_triton": (lambda x: select_topk_triton(x, K), (sd((PT, PS), jnp.float32),)),
+            "indexer_topk_topk_kernel": (lambda *a: indexer_topk_triton(*a, topk=K, q_offset=PS - PT, topk_kernel=True),
+                                         (sd((B, PT, HI, DI), jnp.bfloat16), sd((B, PS, DI), jnp.bfloat16),
+                                          sd((B, PT, HI), jnp.float32)))}
 
 
-def decode_case(t, dtype, layers=2):
+def decode_case(t, dtype, layers=2, topk_kernel=False):
     """The decode indexer (scores kernel + select_topk) on layer `layer` (traced) of a stacked cache."""
     scaled = dtype == jnp.float8_e4m3fn
     args = (sd((DB, t, HI, DI), dtype), sd((layers, DB, DS, DI), dtype), sd((DB, t, HI), jnp.float32),
             sd((), jnp.int32), sd((DB, t), jnp.int32)) + ((sd((layers, DB, DS), jnp.float32),) if scaled else ())
     return lambda q, k, w, layer, k_len, *ks: indexer_topk_decode_triton(q, k, w, layer, k_len, topk=K,
-                                                                        k_scale=ks[0] if ks else None), args
+                                                                        k_scale=ks[0] if ks else None,
+                                                                        topk_kernel=topk_kernel), args
 
 
 KERNELS |= {"indexer_topk_decode_t1": decode_case(1, jnp.bfloat16), "indexer_topk_decode_t2": decode_case(2, jnp.bfloat16),
             "indexer_topk_decode_fp8_t1": decode_case(1, jnp.float8_e4m3fn),
-            "indexer_topk_decode_fp8_t2": decode_case(2, jnp.float8_e4m3fn)}
+            "indexer_topk_decode_fp8_t2": decode_case(2, jnp.float8_e4m3fn),
+            "indexer_topk_decode_topk_kernel": decode_case(1, jnp.bfloat16, topk_kernel=True)}
 
 
 def export_for_cuda(fn, args):
@@ -86,7 +95,7 @@ def test_lowers_for_cuda(name):
     exported = export_for_cuda(*KERNELS[name])
     assert exported.platforms == ("cuda",)
     module = exported.mlir_module()
-    assert module.count(TRITON_CALL) == (2 if "split" in name else 1)
+    assert module.count(TRITON_CALL) == (2 if "split" in name or name.endswith("topk_kernel") else 1)
     if "decode" in name:  # the layer is read inside the kernel: XLA slices nothing out of the cache
         assert "dynamic_slice" not in module
 
