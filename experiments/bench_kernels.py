@@ -15,13 +15,15 @@ config and the best key-loop config (a config ending in ":loop": `key_loop=True`
 per query tile looping over the key blocks; rows labelled "grid" / "key-loop", and the sweep
 prints which is faster), the overall best in fp8 and, as the baseline of the causal runs
 (`segments`: each run of query chunks scored against only the keys its last query sees), the
-overall best with segments=1 (every chunk against all T keys),
+overall best with segments=1 (every chunk against all T keys) and the best with the top-k
+kernel (`topk_kernel=True`: `select_topk_triton`, one program per row, in place of select_topk),
 against the XLA reference up to --max_reference_len; FLOPs = 2·(causal pairs)·H_I·D_I (the QK
 matmul only, as DeepGEMM counts), and a row "indexer + sparse_mla" summing both kernels.
 The split, per query chunk (the last chunk of --index_chunk queries, which sees all T keys):
 the scores kernel alone, then top-k alone on its [chunk, T] fp32 scores, `select_topk` (radix
-select, what the kernel path runs) against `lax.top_k` (sort-based on GPU); GB/s counts one
-read of the scores. The whole indexer runs T/chunk such chunks (earlier ones score fewer key
+select in XLA, what the kernel path runs by default) against `lax.top_k` (sort-based on GPU)
+and the top-k kernel at each --topk_configs tile (block:num_warps; checked equal to select_topk,
+order included); GB/s counts one read of the scores. The whole indexer runs T/chunk such chunks (earlier ones score fewer key
 blocks, but top-k always reads all T columns). Also printed: whether select_topk took its
 sampled path (else its exact fallback over the full rows) and that both select the same set.
 sparse_mla backward (dq, dkv with atomic adds), each --bwd_configs tile config at --bwd_len (one
@@ -34,7 +36,7 @@ fractions use --peak_tflops and --peak_gbs (H200 measured here: ~790 TFLOP/s bf1
 Decode indexer (`ops.indexer_topk_decode`'s Triton kernel + select_topk; B=64 sequences, S=128K
 valid keys, T=1 query, 64 heads x 128, bf16 then fp8 keys with scales, on the last layer of an
 L=2 stacked cache): each --decode_configs tile (block_s:num_warps) in bf16, the best one in
-fp8, its scores kernel alone, and in the same run the old path on the sliced layer (the XLA
+fp8, its scores kernel alone, the best with the top-k kernel (checked equal), and in the same run the old path on the sliced layer (the XLA
 reference; the prefill kernel once per query). GB/s counts the layer's key (+ scale) bytes,
 read once: the target is >= 70 % of --peak_gbs (perf_targets.md); see `_decode`.
 Decode sparse MLA attention (--parts=decode_mla: `ops.sparse_mla_decode`'s Triton
@@ -76,6 +78,7 @@ from pallas_kernels.sparse_mla.reference import (
 )
 from pallas_kernels.sparse_mla.triton import sparse_mla_bwd, sparse_mla_fwd
 from pallas_kernels.sparse_mla.triton_decode import sparse_mla_decode_triton
+from pallas_kernels.topk_triton import select_topk_triton
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["4096", "16384", "65536"], "query (= key) lengths T")
 _TOPK = flags.DEFINE_integer("topk", 2048, "selected rows per query")
@@ -108,6 +111,9 @@ _INDEX_CONFIGS = flags.DEFINE_list("index_configs", ["4:128:8:2", "4:64:8:2", "4
                                                     "4:64:8:2:loop", "4:64:4:2:loop", "2:128:4:2:loop"],
                                    "indexer tiles block_t:block_s:num_warps:num_stages[:loop] (:loop = the key-loop "
                                    "kernel), ...")
+# experiments/triton_static: every one compiles without spills (128 registers at 8 warps: 2 programs per SM).
+_TOPK_CONFIGS = flags.DEFINE_list("topk_configs", ["4096:8", "2048:8", "2048:4", "4096:4"],
+                                  "top-k kernel (select_topk_triton) tiles block:num_warps, ...")
 _INDEX_CHUNK = flags.DEFINE_integer("index_chunk", 512, "queries per indexer chunk (indexer_topk_triton's default)")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "run the kernel in Pallas interpret mode (CPU smoke runs)")
 _PART_NAMES = ("decode", "decode_mla", "sparse_mla", "indexer", "backward")
@@ -187,6 +193,11 @@ def index_tiles(cfg):
     return _tiles(cfg, "index_configs", ("block_t", "block_s", "num_warps", "num_stages"), "loop", "key_loop")
 
 
+def topk_tiles(cfg):
+    """select_topk_triton's keywords of a --topk_configs entry."""
+    return _tiles(cfg, "topk_configs", ("block", "num_warps"))
+
+
 def decode_tiles(cfg):
     """The decode indexer's keywords of a --decode_configs entry."""
     return _tiles(cfg, "decode_configs", ("block_s", "num_warps"))
@@ -214,14 +225,26 @@ def _indexer_split(t, q, kk, ww, cfg):
     select = jax.jit(lambda x: topk_lib.select_topk(x, k))
     lax_topk = jax.jit(lambda x: jax.lax.top_k(x, min(k, t))[1])
     vals, idx = jax.lax.top_k(scores, min(k, t))
-    got, want = jnp.sort(select(scores), axis=-1), jnp.sort(jnp.where(vals > -jnp.inf, idx, -1), axis=-1)
+    selected = select(scores)
+    got, want = jnp.sort(selected, axis=-1), jnp.sort(jnp.where(vals > -jnp.inf, idx, -1), axis=-1)
     print(f"top-k at T={t}: select_topk == lax.top_k sets: {bool(jnp.all(got[:, -want.shape[1]:] == want))}; "
           f"sampled path: {bool(jnp.all(topk_lib.sampled_rows_ok(scores, k)))}", flush=True)
     nbytes = chunk * t * 4
-    return [_row(f"indexer scores only {_index_label(cfg)} 1 chunk", t, _time(scores_fn, q_c, kk, w_c),
+    rows = [_row(f"indexer scores only {_index_label(cfg)} 1 chunk", t, _time(scores_fn, q_c, kk, w_c),
                  2 * chunk * t * h * d, nbytes),
             _row(f"top-k select_topk [{chunk}xT] 1 chunk", t, _time(select, scores), 0, nbytes),
             _row(f"top-k lax.top_k [{chunk}xT] 1 chunk", t, _time(lax_topk, scores), 0, nbytes)]
+    for topk_cfg in _TOPK_CONFIGS.value:  # the top-k kernel: checked equal to select_topk (order too), then timed
+        kernel = jax.jit(lambda x, tiles=topk_tiles(topk_cfg): select_topk_triton(x, k, interpret=_INTERPRET.value,
+                                                                                  **tiles))
+        try:
+            same = bool(jnp.all(kernel(scores) == selected))
+        except Exception as e:  # noqa: BLE001 (a tile config Triton cannot compile: any error)
+            print(f"top-k kernel [{topk_cfg}]: failed ({type(e).__name__}: {str(e)[:200]})", flush=True)
+            continue
+        print(f"top-k kernel [{topk_cfg}] at T={t}: equal to select_topk: {same}", flush=True)
+        rows.append(_row(f"top-k kernel [{topk_cfg}] [{chunk}xT] 1 chunk", t, _time(kernel, scores), 0, nbytes))
+    return rows
 
 
 def _indexer(sparse_seconds):
@@ -234,10 +257,11 @@ def _indexer(sparse_seconds):
         return (jax.random.normal(kq, (1, t, h, d), jnp.bfloat16), jax.random.normal(kk, (1, t, d), jnp.bfloat16),
                 jax.random.normal(kw, (1, t, h), jnp.float32))
 
-    def kernel_fn(cfg, segments=8):
+    def kernel_fn(cfg, segments=8, topk_kernel=False):
         tiles = index_tiles(cfg)
         return jax.jit(lambda q, kk, ww: indexer_topk_triton(q, kk, ww, topk=k, segments=segments,
-                                                             interpret=_INTERPRET.value, **tiles))
+                                                             topk_kernel=topk_kernel, interpret=_INTERPRET.value,
+                                                             **tiles))
 
     flops = lambda t: 2 * (t * (t + 1) // 2) * h * d
     nbytes = lambda t: t * h * d * 2 + t * d * 2 + t * k * 4
@@ -287,6 +311,11 @@ def _indexer(sparse_seconds):
         one_run = _time(kernel_fn(best, segments=1), q, kk, ww)
         rows.append(_row(f"indexer_topk pallas 1 run {_index_label(best)}", t, one_run, flops(t), nbytes(t)))
         print(f"indexer at T={t}: causal runs {one_run / per_kernel[best]:.2f}x faster than 1 run", flush=True)
+        # The top-k kernel (select_topk_triton, default tiles) in place of select_topk.
+        fused = _time(kernel_fn(best, topk_kernel=True), q, kk, ww)
+        rows.append(_row(f"indexer_topk pallas topk kernel {_index_label(best)}", t, fused, flops(t), nbytes(t)))
+        print(f"indexer at T={t}: the top-k kernel {per_kernel[best] / fused:.2f}x faster than select_topk",
+              flush=True)
         # FP8 e4m3 q and k (V3.2's indexer inputs; unit key scales): the same kernel on Hopper's fp8 MMA.
         q8, k8 = q.astype(jnp.float8_e4m3fn), kk.astype(jnp.float8_e4m3fn)
         rows.append(_row(f"indexer_topk pallas fp8 {_index_label(best)}", t, _time(kernel_fn(best), q8, k8, ww),
@@ -320,8 +349,9 @@ def _decode():
     flops = 2 * b * t * s * h * d
     agreement = lambda got, ref: float(jnp.mean(jnp.sort(got, axis=-1) == jnp.sort(ref, axis=-1)))
 
-    def kernel_fn(cfg, scores_only=False):
-        fn = indexer_scores_decode_triton if scores_only else functools.partial(indexer_topk_decode_triton, topk=k)
+    def kernel_fn(cfg, scores_only=False, topk_kernel=False):
+        fn = (indexer_scores_decode_triton if scores_only
+              else functools.partial(indexer_topk_decode_triton, topk=k, topk_kernel=topk_kernel))
         fn = functools.partial(fn, interpret=_INTERPRET.value, **decode_tiles(cfg))
         return jax.jit(lambda q, kc, w, layer, kl, ks: fn(q, kc, w, layer, kl, k_scale=ks))
 
@@ -360,6 +390,10 @@ def _decode():
               f"{agreement(fns[best](*args), reference(*args)):.4f}", flush=True)
         rows.append(_row(f"decode scores only [{best}] {label}", s, _time(kernel_fn(best, scores_only=True), *args),
                          flops, nbytes, peak))
+        fused = kernel_fn(best, topk_kernel=True)  # the top-k kernel in place of select_topk: same indices
+        print(f"decode indexer [{best}] {label}: the top-k kernel equals select_topk: "
+              f"{bool(jnp.all(fused(*args) == fns[best](*args)))}", flush=True)
+        rows.append(_row(f"decode indexer topk kernel [{best}] {label}", s, _time(fused, *args), flops, nbytes, peak))
         rows.append(_row(f"decode old: xla reference {label}", s, _time(reference, *args), flops, nbytes, peak))
         rows.append(_row(f"decode old: prefill kernel/query {label}", s, _time(per_query, *args), flops, nbytes,
                          peak))

@@ -1,7 +1,7 @@
 """Static check of the Triton kernels without a GPU: registers, spills, shared memory, MMA kind.
 
     python -m experiments.triton_static [--kernels=indexer,sparse_mla_fwd,...] [--out=triton_static.json]
-        [--index_configs=...] [--configs=...] [--bwd_configs=...] [--decode_configs=...] [--decode_mla_configs=...]
+        [--index_configs=...] [--topk_configs=...] [--configs=...] [--bwd_configs=...] [--decode_configs=...] [--decode_mla_configs=...]
 
 For each kernel and each tile config of `experiments/bench_kernels.py`'s sweeps (the same flags
 and defaults), at V3.2 shapes, the Pallas kernel is lowered for CUDA on this CPU machine, its
@@ -41,8 +41,9 @@ from pallas_kernels.indexer.triton import indexer_scores_triton
 from pallas_kernels.indexer.triton_decode import indexer_scores_decode_triton
 from pallas_kernels.sparse_mla.triton import sparse_mla_bwd, sparse_mla_fwd
 from pallas_kernels.sparse_mla.triton_decode import sparse_mla_decode_triton
+from pallas_kernels.topk_triton import select_topk_triton
 
-_KERNEL_NAMES = ("indexer", "decode_indexer", "sparse_mla_fwd", "sparse_mla_bwd", "decode_mla")
+_KERNEL_NAMES = ("indexer", "topk", "decode_indexer", "sparse_mla_fwd", "sparse_mla_bwd", "decode_mla")
 _KERNELS = flags.DEFINE_list("kernels", list(_KERNEL_NAMES), f"kernels to check: {_KERNEL_NAMES}")
 _STATIC_OUT = flags.DEFINE_string("static_out", "triton_static.json", "JSON output path")
 _ARCH = flags.DEFINE_integer("arch", 90, "CUDA compute capability to compile for (90: H100/H200)")
@@ -125,6 +126,8 @@ def _cases():
                 sd((1,), I32), sd((512,), I32))
         scores = functools.partial(indexer_scores_triton, q_offset=65536 - 512, **bench.index_tiles(cfg))
         yield "indexer", cfg, scores, args
+    for cfg in bench._TOPK_CONFIGS.value:  # one chunk of the 64K indexer's scores
+        yield "topk", cfg, functools.partial(select_topk_triton, k=K, **bench.topk_tiles(cfg)), (sd((512, 65536), F32),)
     for cfg in bench._DECODE_CONFIGS.value:
         args = (sd((64, 1, HI, DI), BF16), sd((2, 64, 131072, DI), BF16), sd((64, 1, HI), F32), sd((), I32),
                 sd((64, 1), I32))

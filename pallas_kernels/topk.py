@@ -33,6 +33,7 @@ Measured on an H200 (jax 0.11.2; random normal fp32 rows, k = 2048, the sampled 
 Most of the time is fixed per call (~45 small kernels on L2-resident data), so more rows per
 call amortise it; 512 x 64K is read at ~0.27 TB/s, far from HBM's 4.3. (Those runs stored the
 [R, S] keys once for the sample and the pack; they are now recomputed where read, untimed.)
+`pallas_kernels/topk_triton.py` runs this algorithm as one Triton kernel, a program per row.
 On XLA:CPU the 15-way counts are not fused (it fuses no producer into an integer reduction and
 stores [R, 15, N]), and the call is ~3x slower than lax.top_k; the CPU paths keep lax.top_k.
 

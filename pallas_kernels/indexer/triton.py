@@ -7,7 +7,7 @@ s < k_len. q and k may be bf16, fp32 or FP8 e4m3 (Hopper's fp8 MMA; the per-key 
 as k_scale and q's is folded into w by the caller). `indexer_topk_triton` runs it over chunks of
 `chunk_size` queries and selects each chunk's top-k with `pallas_kernels.topk.select_topk` (radix
 select, no sort; the same set as `lax.top_k`, lowest index first on ties, listed by ascending
-index), so memory is O(chunk_size · S), never [T, S]. Causal queries run in up to `segments` runs of whole chunks
+index; `topk_kernel=True`: the same selection as one Triton kernel, `select_topk_triton`), so memory is O(chunk_size · S), never [T, S]. Causal queries run in up to `segments` runs of whole chunks
 (`chunking.causal_segments`), each against only the keys its last query sees: at T = S and 8
 runs the scores grid, the scores written and the rows top-k reads are 56 % of T x S (the
 grid kernel's causal no-op programs and the top-k's reads of -inf columns were the rest).
