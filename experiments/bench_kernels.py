@@ -235,8 +235,8 @@ def _indexer_split(t, q, kk, ww, cfg):
             _row(f"top-k select_topk [{chunk}xT] 1 chunk", t, _time(select, scores), 0, nbytes),
             _row(f"top-k lax.top_k [{chunk}xT] 1 chunk", t, _time(lax_topk, scores), 0, nbytes)]
     for topk_cfg in _TOPK_CONFIGS.value:  # the top-k kernel: checked equal to select_topk (order too), then timed
-        kernel = jax.jit(lambda x, tiles=topk_tiles(topk_cfg): select_topk_triton(x, k, interpret=_INTERPRET.value,
-                                                                                  **tiles))
+        kernel = jax.jit(functools.partial(select_topk_triton, k=k, interpret=_INTERPRET.value,
+                                           **topk_tiles(topk_cfg)))
         try:
             same = bool(jnp.all(kernel(scores) == selected))
         except Exception as e:  # noqa: BLE001 (a tile config Triton cannot compile: any error)
