@@ -85,9 +85,12 @@ _TOPK = flags.DEFINE_integer("topk", 2048, "selected rows per query")
 _HEADS = flags.DEFINE_integer("heads", 128, "attention heads")
 _V_DIM = flags.DEFINE_integer("v_dim", 512, "latent / value dim")
 _ROPE_DIM = flags.DEFINE_integer("rope_dim", 64, "RoPE dim (Dqk = v_dim + rope_dim)")
-# The four fastest of a 15-config sweep on an H200 (16:32 .. 64:128 tiles, 4/8 warps, 1-3 stages).
-_CONFIGS = flags.DEFINE_list("configs", ["32:64:4:2", "64:64:8:3", "32:64:4:3", "64:64:8:2"],
-                             "block_h:block_k:num_warps:num_stages, ...")
+# The four fastest of a 15-config sweep on an H200 (16:32 .. 64:128 tiles, 4/8 warps, 1-3 stages), then two
+# value-split tiles that experiments/triton_static shows compile to wgmma without spills (untimed).
+_CONFIGS = flags.DEFINE_list("configs", ["32:64:4:2", "64:64:8:3", "32:64:4:3", "64:64:8:2", "64:32:8:2:v2",
+                                         "64:16:8:3:v2"],
+                             "block_h:block_k:num_warps:num_stages[:vN] (:vN = v_split=N: N programs per head "
+                             "block, each accumulating 1/N of the value columns), ...")
 _SWEEP_LEN = flags.DEFINE_integer("sweep_len", 16384, "length at which tile configs are compared")
 _CHECK_LEN = flags.DEFINE_integer("check_len", 1024, "length at which the prefill kernels are checked against the "
                                   "reference on the device")
@@ -179,8 +182,12 @@ def _tiles(cfg, flag, names, suffix=None, variant=None):
 
 
 def fwd_tiles(cfg):
-    """sparse_mla_fwd's keywords of a --configs entry."""
-    return _tiles(cfg, "configs", ("block_h", "block_k", "num_warps", "num_stages"))
+    """sparse_mla_fwd's keywords of a --configs entry (":vN": v_split=N programs per head block)."""
+    base, _, split = cfg.partition(":v")
+    if split and not split.isdigit():
+        raise ValueError(f"--configs entry {cfg!r}: want block_h:block_k:num_warps:num_stages[:vN]")
+    return _tiles(base, "configs", ("block_h", "block_k", "num_warps", "num_stages")) | (
+        {"v_split": int(split)} if split else {})
 
 
 def bwd_tiles(cfg):

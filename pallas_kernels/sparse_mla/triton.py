@@ -26,6 +26,17 @@ gathered from HBM once, not once per head block. That matters only where the KV 
 (50 MB; 19 MB at 16K, 75 MB at 64K): the equal figures at 16K and 64K say the kernel is not
 HBM-bound now, so expect little from it. Not yet timed on a GPU; the benchmark times both orders.
 
+Value split (`v_split=N`, forward only, off by default): N programs per (query, head block), each
+scoring all of q·k but accumulating only 1/N of the value columns. Why: the default 32-head tile
+runs its matmuls on mma.sync, since Hopper's wgmma needs 64 rows per warpgroup, and every 64-head
+tile spills (~1.4 KB per thread: a [64, 512] float32 accumulator is 128 registers per thread at
+8 warps before any operand). With v_split=2 a 64-head tile's accumulator is [64, 256], and
+compiled offline for sm_90a (`experiments/triton_static.py`) 64:32:8:2 and 64:16:8:3 use wgmma
+without spills (176 / 124 KiB of shared memory). The price: the QK matmul is done twice, so
+per (head, row) 2·576 + 512 = 1664 multiply-add dims instead of 1088 (+53 %), and each row is
+gathered by twice the programs (from L2 for the second, launched next to the first). It pays
+only if wgmma runs over 1.53x faster than mma.sync here; not yet timed on a GPU.
+
 Shapes: B batch, T queries, S keys, H heads, V latent/value dim (512), R RoPE dim (64),
 K selected rows per query.
 """
@@ -40,19 +51,23 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.tiles import next_pow2
 
 
-def attend_blocks(idx_ref, qn, qr, gather, *, scale, block_k, first_block, num_blocks):
+def attend_blocks(idx_ref, qn, qr, gather, *, scale, block_k, first_block, num_blocks, values=None, value_dim=None):
     """Online softmax of qn [Hb, V], qr [Hb, R] over index blocks first_block .. first_block + num_blocks - 1
-    of idx_ref (-1 = unused) -> (m, l, acc [Hb, V]) float32 (shared with the decode kernel).
+    of idx_ref (-1 = unused) -> (m, l, acc [Hb, Vs]) float32 (shared with the decode kernel).
 
     gather(rows, used) -> (latent [block_k, V], rope [block_k, R]): the rows (unused slots read as row 0).
+    values(rows) -> [block_k, value_dim]: the value columns to accumulate (default: the whole latent, Vs = V).
     """
     block_h, v = qn.shape
+    v = v if values is None else value_dim
 
     def body(i, carry):
         m, l, acc = carry
         idx = idx_ref[pl.ds(i * block_k, block_k)]
         used = idx >= 0
-        kn, kr = gather(jnp.where(used, idx, 0), used)
+        rows = jnp.where(used, idx, 0)
+        kn, kr = gather(rows, used)
+        vals = kn if values is None else values(rows)
         s = (jnp.dot(qn, kn.T, preferred_element_type=jnp.float32)
              + jnp.dot(qr, kr.T, preferred_element_type=jnp.float32))
         s = jnp.where(used[None, :], s * scale, -jnp.inf)
@@ -60,7 +75,7 @@ def attend_blocks(idx_ref, qn, qr, gather, *, scale, block_k, first_block, num_b
         shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         p = jnp.exp(s - shift[:, None])
         alpha = jnp.exp(m - shift)
-        acc = acc * alpha[:, None] + jnp.dot(p.astype(kn.dtype), kn, preferred_element_type=jnp.float32)
+        acc = acc * alpha[:, None] + jnp.dot(p.astype(vals.dtype), vals, preferred_element_type=jnp.float32)
         return m_new, l * alpha + jnp.sum(p, axis=1), acc
 
     init = (jnp.full((block_h,), -jnp.inf, jnp.float32), jnp.zeros((block_h,), jnp.float32),
@@ -74,12 +89,18 @@ def normalize(m, l, acc):
     return acc / safe_l[:, None], jnp.where(l > 0, m + jnp.log(safe_l), -jnp.inf)
 
 
-def _kernel(idx_ref, qn_ref, qr_ref, kvn_ref, kvr_ref, o_ref, lse_ref, *, scale, block_k, num_k_blocks):
+def _kernel(idx_ref, qn_ref, qr_ref, kvn_ref, kvr_ref, o_ref, lse_ref, *, scale, block_k, num_k_blocks, v_split,
+            head_axis):
     gather = lambda rows, used: (kvn_ref[rows, :], kvr_ref[rows, :])
+    values, value_dim = None, None
+    if v_split > 1:  # this program accumulates only its share of the value columns (it still scores all of q·k)
+        value_dim = o_ref.shape[-1]
+        cols = (pl.program_id(head_axis) % v_split) * value_dim + jnp.arange(value_dim, dtype=jnp.int32)
+        values = lambda rows: kvn_ref[rows[:, None], cols[None, :]]
     out, lse = normalize(*attend_blocks(idx_ref, qn_ref[...], qr_ref[...], gather, scale=scale, block_k=block_k,
-                                        first_block=0, num_blocks=num_k_blocks))
+                                        first_block=0, num_blocks=num_k_blocks, values=values, value_dim=value_dim))
     o_ref[...] = out.astype(o_ref.dtype)
-    lse_ref[...] = lse
+    lse_ref[...] = lse  # (with v_split, each of a head block's programs writes the same lse)
 
 
 def _layout(q, kv, indices, v_dim, block_h, block_k):
@@ -105,17 +126,17 @@ def _layout(q, kv, indices, v_dim, block_h, block_k):
             rows, dims)
 
 
-def _specs(dims, per_query_widths, full_widths):
-    """BlockSpecs over (query i, head block j): [rows], then per-(query, head block) tiles, then whole
+def _specs(dims, per_query_widths, full_widths, v_split=1):
+    """BlockSpecs over (query i, head block j // v_split): [rows], then per-(query, head block) tiles, then whole
     flattened-kv arrays."""
     bh, bs = dims["block_h"], dims["b"] * dims["s"]
     return ([pl.BlockSpec((None, dims["kp"]), lambda i, j: (i, 0))]
-            + [pl.BlockSpec((None, bh, w), lambda i, j: (i, j, 0)) for w in per_query_widths]
+            + [pl.BlockSpec((None, bh, w), lambda i, j: (i, j // v_split, 0)) for w in per_query_widths]
             + [pl.BlockSpec((bs, w), lambda i, j: (0, 0)) for w in full_widths])
 
 
-def _grid(dims, head_major, *spec_lists):
-    """(grid, spec_lists) of a (query, head block) kernel.
+def _grid(dims, head_major, *spec_lists, v_split=1):
+    """(grid, spec_lists) of a (query, head block) kernel (v_split programs per head block: j // v_split).
 
     The first grid axis is CUDA's x, launched fastest. head_major puts the head blocks there, so a
     query's head-block programs run side by side and all but the first find its gathered rows in
@@ -123,7 +144,7 @@ def _grid(dims, head_major, *spec_lists):
     so where the KV outgrows L2 each head block gathers the rows from HBM again (H/block_h times
     the traffic: 4x at H = 128, block_h = 32; 9.4 MB per query, ~60 FLOP/B in the forward).
     """
-    grid = (dims["b"] * dims["t"], dims["hp"] // dims["block_h"])
+    grid = (dims["b"] * dims["t"], dims["hp"] // dims["block_h"] * v_split)
     if not head_major:
         return grid, spec_lists
     swap = lambda spec: pl.BlockSpec(spec.block_shape, lambda j, i: spec.index_map(i, j))
@@ -131,19 +152,27 @@ def _grid(dims, head_major, *spec_lists):
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "v_dim", "block_h", "block_k", "num_warps", "num_stages",
-                                             "head_major", "interpret"))
+                                             "head_major", "v_split", "interpret"))
 def sparse_mla_fwd(q, kv, indices, *, scale, v_dim, block_h=32, block_k=64, num_warps=4, num_stages=2,
-                   head_major=True, interpret=False):
+                   head_major=True, v_split=1, interpret=False):
     """q [B,T,H,D], kv [B,S,D], indices [B,T,K] -> (out [B,T,H,v_dim] in q's dtype, lse [B,T,H] f32).
 
     head_major: the launch order of the (query, head block) programs (`_grid`).
+    v_split: programs per (query, head block), each accumulating 1/v_split of the value columns and
+    all computing the scores (module docstring).
     """
     qn, qr, kvn, kvr, rows, dims = _layout(q, kv, indices, v_dim, block_h, block_k)
     b, t, h, hp, vp, kp, block_h = (dims[n] for n in ("b", "t", "h", "hp", "vp", "kp", "block_h"))
-    kernel = functools.partial(_kernel, scale=scale, block_k=block_k, num_k_blocks=kp // block_k)
-    grid, (in_specs, out_specs) = _grid(dims, head_major, _specs(dims, (vp, dims["rp"]), (vp, dims["rp"])),
-                                        [pl.BlockSpec((None, block_h, vp), lambda i, j: (i, j, 0)),
-                                         pl.BlockSpec((None, block_h), lambda i, j: (i, j))])
+    if v_split < 1 or vp % v_split or vp // v_split < 16:
+        raise ValueError(f"sparse_mla_fwd: v_split must divide the padded value dim {vp} into parts of >= 16, "
+                         f"got {v_split}")
+    kernel = functools.partial(_kernel, scale=scale, block_k=block_k, num_k_blocks=kp // block_k, v_split=v_split,
+                               head_axis=0 if head_major else 1)
+    vw = vp // v_split
+    grid, (in_specs, out_specs) = _grid(dims, head_major, _specs(dims, (vp, dims["rp"]), (vp, dims["rp"]), v_split),
+                                        [pl.BlockSpec((None, block_h, vw), lambda i, j: (i, j // v_split, j % v_split)),
+                                         pl.BlockSpec((None, block_h), lambda i, j: (i, j // v_split))],
+                                        v_split=v_split)
     out, lse = pl.pallas_call(
         kernel,
         grid=grid,

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).parents[2]
 KERNELS = ["--interpret", "--seq_lens=128", "--sweep_len=128", "--check_len=64", "--topk=32", "--heads=16",
-           "--v_dim=32", "--rope_dim=16", "--configs=16:16:4:1", "--max_reference_len=128", "--repeats=1",
+           "--v_dim=32", "--rope_dim=16", "--configs=16:16:4:1,16:16:4:1:v2", "--max_reference_len=128", "--repeats=1",
            "--bwd_configs=16:16:4:1,16:16:4:1:split", "--bwd_len=128", "--max_reference_bwd_len=128",
            "--index_heads=4", "--index_dim=16", "--index_configs=4:16:4:1,4:16:4:1:loop", "--index_chunk=64",
            "--decode_batch=2", "--decode_len=256", "--decode_configs=64:4", "--decode_mla_configs=16:16:4:1,16:16:4:2",

@@ -89,6 +89,24 @@ def test_launch_orders_agree():
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("v_split, head_major", [(2, True), (4, False)])
+def test_value_split_equals_one_program(v_split, head_major):
+    """v_split programs per head block, each accumulating its share of the value columns, give the forward of one
+    (3 head blocks, value dim 40 padded to 64: parts of 32 and 16 columns, the last part partly padding)."""
+    q, kv, idx = random_case(6, 2, 5, 60, 40, 40, 12, 23, jnp.float32)
+    run = lambda v_split: sparse_mla_fwd(q, kv, idx, scale=0.2, v_dim=40, block_h=16, block_k=16, v_split=v_split,
+                                         head_major=head_major, interpret=True)
+    (out, lse), (want, want_lse) = run(v_split), run(1)
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(lse, want_lse)
+
+
+def test_value_split_must_divide_the_value_dim():
+    q, kv, idx = random_case(6, 1, 2, 20, 4, 32, 16, 8, jnp.float32)
+    with pytest.raises(ValueError, match="v_split must divide"):
+        sparse_mla_fwd(q, kv, idx, scale=0.2, v_dim=32, block_h=16, block_k=16, v_split=3, interpret=True)
+
+
 def test_log_sum_exp():
     q, kv, idx = random_case(1, 1, 4, 30, 3, 32, 16, 8, jnp.float32, unused=0)
     _, lse = sparse_mla_fwd(q, kv, idx, scale=0.5, v_dim=32, block_h=16, block_k=16, interpret=True)
