@@ -43,7 +43,7 @@ from pallas_kernels.sparse_mla.triton import sparse_mla_bwd, sparse_mla_fwd
 from pallas_kernels.sparse_mla.triton_decode import sparse_mla_decode_triton
 from pallas_kernels.topk_triton import select_topk_triton
 
-_KERNEL_NAMES = ("indexer", "topk", "decode_indexer", "sparse_mla_fwd", "sparse_mla_bwd", "decode_mla")
+_KERNEL_NAMES = ("indexer", "indexer_fp8", "topk", "decode_indexer", "sparse_mla_fwd", "sparse_mla_bwd", "decode_mla")
 _KERNELS = flags.DEFINE_list("kernels", list(_KERNEL_NAMES), f"kernels to check: {_KERNEL_NAMES}")
 _STATIC_OUT = flags.DEFINE_string("static_out", "triton_static.json", "JSON output path")
 _ARCH = flags.DEFINE_integer("arch", 90, "CUDA compute capability to compile for (90: H100/H200)")
@@ -121,11 +121,12 @@ def compile_stats(ttir: str, num_warps: int, num_stages: int, arch: int) -> dict
 
 def _cases():
     """(kernel, config, fn, args) for every configured tile of every kernel, at V3.2 shapes."""
-    for cfg in bench._INDEX_CONFIGS.value:
-        args = (sd((1, 512, HI, DI), BF16), sd((1, 65536, DI), BF16), sd((1, 512, HI), F32), sd((1, 65536), F32),
-                sd((1,), I32), sd((512,), I32))
-        scores = functools.partial(indexer_scores_triton, q_offset=65536 - 512, **bench.index_tiles(cfg))
-        yield "indexer", cfg, scores, args
+    for kernel, dtype in (("indexer", BF16), ("indexer_fp8", jnp.float8_e4m3fn)):
+        for cfg in bench._INDEX_CONFIGS.value:
+            args = (sd((1, 512, HI, DI), dtype), sd((1, 65536, DI), dtype), sd((1, 512, HI), F32), sd((1, 65536), F32),
+                    sd((1,), I32), sd((512,), I32))
+            scores = functools.partial(indexer_scores_triton, q_offset=65536 - 512, **bench.index_tiles(cfg))
+            yield kernel, cfg, scores, args
     for cfg in bench._TOPK_CONFIGS.value:  # one chunk of the 64K indexer's scores
         yield "topk", cfg, functools.partial(select_topk_triton, k=K, **bench.topk_tiles(cfg)), (sd((512, 65536), F32),)
     for cfg in bench._DECODE_CONFIGS.value:

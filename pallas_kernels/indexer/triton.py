@@ -3,12 +3,14 @@
 The kernel computes, for a block of `block_t` queries against a block of `block_s` keys,
 I[t, s] = k_scale[s] · Σ_h w[t, h] · relu(q[t, h] · k[s]) in float32 (one [block_t·H, D] x
 [D, block_s] matmul, ReLU, a weighted head sum), writing -inf outside s <= t + q_offset and
-s < k_len. q and k may be bf16, fp32 or FP8 e4m3 (Hopper's fp8 MMA; the per-key scale comes in
-as k_scale and q's is folded into w by the caller). `indexer_topk_triton` runs it over chunks of
-`chunk_size` queries and selects each chunk's top-k with `pallas_kernels.topk.select_topk` (radix
-select, no sort; the same set as `lax.top_k`, lowest index first on ties, listed by ascending
-index; `topk_kernel=True`: the same selection as one Triton kernel, `select_topk_triton`), so memory is O(chunk_size · S), never [T, S]. Causal queries run in up to `segments` runs of whole chunks
-(`chunking.causal_segments`), each against only the keys its last query sees: at T = S and 8
+s < k_len. q and k may be bf16, fp32 or FP8 e4m3 (Hopper's fp8 wgmma, `pallas_kernels/triton_fp8.py`;
+the per-key scale comes in as k_scale and q's is folded into w by the caller).
+`indexer_topk_triton` runs it over chunks of `chunk_size` queries and selects each chunk's top-k
+with `pallas_kernels.topk.select_topk` (radix select, no sort; the same set as `lax.top_k`, lowest
+index first on ties, listed by ascending index; `topk_kernel=True`: the same selection as one
+Triton kernel, `select_topk_triton`), so memory is O(chunk_size · S), never [T, S]. Causal queries
+run in up to `segments` runs of whole chunks (`chunking.causal_segments`), each against only the
+keys its last query sees: at T = S and 8
 runs the scores grid, the scores written and the rows top-k reads are 56 % of T x S (the
 grid kernel's causal no-op programs and the top-k's reads of -inf columns were the rest).
 Reference: `pallas_kernels/indexer/reference.py`.
@@ -60,6 +62,7 @@ from pallas_kernels.chunking import causal_segments, map_chunks, map_query_chunk
 from pallas_kernels.tiles import next_pow2, rows_per_call
 from pallas_kernels.topk import select_topk
 from pallas_kernels.topk_triton import select_topk_triton
+from pallas_kernels.triton_fp8 import enable_fp8_wgmma
 
 BLOCK_T, BLOCK_S = 4, 128  # default tiles: queries x keys per program
 
@@ -145,6 +148,7 @@ def indexer_scores_triton(q, k, w, k_scale, k_len, positions, *, q_offset=0, blo
     """
     b, tc, h, d = q.shape
     s = k.shape[1]
+    enable_fp8_wgmma()  # fp8 q, k: Hopper's fp8 wgmma, not an f16 upcast (pallas_kernels/triton_fp8.py)
     if rows_per_call(b, _row_operands(q, k, tc, block_t, block_s), "indexer_scores_triton") < b:
         raise ValueError(f"indexer_scores_triton: q {q.shape} / k {k.shape} of {q.dtype} / {k.dtype}: a 1-byte operand "
                          "of 2^31-2^32 elements overflows the Triton lowering's 32-bit offsets; pass fewer batch rows "

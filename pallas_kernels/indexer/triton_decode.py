@@ -6,8 +6,9 @@ key limit per query. Query t of sequence b scores the keys s < k_len[b, t] of on
 I[t, s] = k_scale[s] · Σ_h w[t, h] · relu(q[t, h] · k[layer, b, s]) in float32.
 
 The grid is (B, S blocks). A program takes the T·H query rows of its sequence as one
-[T·H, D] x [D, block_s] matmul (bf16, fp32 or Hopper's native fp8 e4m3, fp32 accumulation),
-then ReLU, the weighted head sum and the key scale, and writes -inf where s >= k_len[b, t].
+[T·H, D] x [D, block_s] matmul (bf16, fp32 or fp8 e4m3 on Hopper's fp8 wgmma, `triton_fp8`;
+fp32 accumulation), then ReLU, the weighted head sum and the key scale, and writes -inf where
+s >= k_len[b, t].
 Why it reads the cache itself:
 - k_cache [L, B, S, D] and k_scale [L, B, S] come in whole (no BlockSpec) and the program loads
   its block at (layer, b, block) by pointer: XLA never slices the layer out, which would copy
@@ -41,6 +42,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.tiles import next_pow2, overflows_offsets
 from pallas_kernels.topk import select_topk
 from pallas_kernels.topk_triton import select_topk_triton
+from pallas_kernels.triton_fp8 import enable_fp8_wgmma
 
 
 def _scores_kernel(layer_ref, klen_ref, q_ref, w_ref, k_ref, *rest, block_s, num_keys):
@@ -78,6 +80,7 @@ def indexer_scores_decode_triton(q, k_cache, w, layer, k_len, k_scale=None, *, b
     """
     b, t, h, d = q.shape
     s = k_cache.shape[2]
+    enable_fp8_wgmma()  # fp8 q, k: Hopper's fp8 wgmma, not an f16 upcast (pallas_kernels/triton_fp8.py)
     if d != next_pow2(d):
         raise ValueError(f"indexer_scores_decode_triton: head dim D must be a power of two >= 16 (the cache is read "
                          f"in place, unpadded), got {d}")

@@ -77,7 +77,8 @@ def test_triton_static_compiles_every_kernel_offline(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [(r["kernel"], r["config"], r["call"]) for r in rows] == [
-        ("indexer", "4:128:8:2", 0), ("indexer", "4:128:8:2:loop", 0), ("topk", "4096:8", 0),
+        ("indexer", "4:128:8:2", 0), ("indexer", "4:128:8:2:loop", 0), ("indexer_fp8", "4:128:8:2", 0),
+        ("indexer_fp8", "4:128:8:2:loop", 0), ("topk", "4096:8", 0),
         ("decode_indexer", "128:4", 0),
         ("sparse_mla_fwd", "32:64:4:2", 0), ("sparse_mla_bwd", "32:32:8:2", 0),
         ("sparse_mla_bwd", "32:16:8:2:split", 0), ("sparse_mla_bwd", "32:16:8:2:split", 1),
@@ -86,3 +87,4 @@ def test_triton_static_compiles_every_kernel_offline(tmp_path):
                for r in rows), rows
     # Every kernel's matmuls reach the tensor cores (the top-k kernel has none).
     assert all(r["wgmma"] + r["mma"] > 0 for r in rows if r["kernel"] != "topk"), rows
+    assert all(r["wgmma"] > 0 for r in rows if r["kernel"] == "indexer_fp8"), rows  # fp8 wgmma, not an f16 upcast

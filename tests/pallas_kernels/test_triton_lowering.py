@@ -15,6 +15,7 @@ lies in that range. The prefill indexer's key-loop variant lowers at B = 1, a 51
 S = 64K keys (bf16 and fp8). At T = S = 64K the prefill indexer calls its scores kernel once per
 causal run, each with only the keys that run sees. The top-k kernel (`select_topk_triton`) lowers
 on a [512, 64K] block of scores, and behind the prefill and decode indexers (`topk_kernel=True`).
+The indexers' fp8 dots reach the Triton IR marked for Hopper's fp8 wgmma (`triton_fp8`).
 """
 
 import math
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from experiments.triton_static import triton_kernels
 from pallas_kernels.indexer.triton import indexer_scores_triton, indexer_topk_triton
 from pallas_kernels.indexer.triton_decode import indexer_topk_decode_triton
 from pallas_kernels.sparse_mla import triton as sparse_mla_triton
@@ -86,6 +88,17 @@ KERNELS |= {"indexer_topk_decode_t1": decode_case(1, jnp.bfloat16), "indexer_top
             "indexer_topk_decode_fp8_t1": decode_case(1, jnp.float8_e4m3fn),
             "indexer_topk_decode_fp8_t2": decode_case(2, jnp.float8_e4m3fn),
             "indexer_topk_decode_topk_kernel": decode_case(1, jnp.bfloat16, topk_kernel=True)}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.bfloat16])
+def test_fp8_indexer_dots_are_marked_for_wgmma(dtype):
+    """The indexer kernels' fp8 x fp8 -> float32 dots carry maxNumImpreciseAcc (Triton's condition for Hopper's
+    fp8 wgmma, else an f16 upcast on mma.sync: pallas_kernels/triton_fp8.py); bf16 dots do not."""
+    grid = (lambda q, k, w, ks: indexer_topk_triton(q, k, w, topk=K, k_scale=ks, q_offset=S - T),
+            (sd((B, T, HI, DI), dtype), sd((B, S, DI), dtype), sd((B, T, HI), jnp.float32), sd((B, S), jnp.float32)))
+    for fn, args in (grid, key_loop_case(dtype), decode_case(1, dtype)):
+        dots = [line for ir, *_ in triton_kernels(fn, *args) for line in ir.splitlines() if "tt.dot " in line]
+        assert dots and all(("maxNumImpreciseAcc = 128" in line) == (dtype == jnp.float8_e4m3fn) for line in dots), dots
 
 
 def export_for_cuda(fn, args):
