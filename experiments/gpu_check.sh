@@ -6,10 +6,11 @@
 #   bash experiments/gpu_check.sh model      model correctness (GPU vs the CPU oracle) + bench_attention
 #   bash experiments/gpu_check.sh kernels    DSA kernels at their default tiles, under 5 minutes: each checked on the
 #                                            device against its reference, then timed against its baselines (decode
-#                                            indexer 60 s, decode attention 60 s, prefill + backward 160 s caps)
+#                                            indexer 60 s, decode attention 60 s, prefill 110 s, backward 60 s caps)
 #   bash experiments/gpu_check.sh sweep      the tile and variant sweeps that pick those defaults (key-loop indexer,
-#                                            split-dkv backward, ...): decode 120 s, decode attention 120 s, prefill +
-#                                            backward 330 s caps, at most 9.5 minutes
+#                                            top-k kernel, value-split forward, split-dkv backward, ...): decode 120 s,
+#                                            decode attention 120 s, prefill 220 s, backward 110 s caps, at most 9.5
+#                                            minutes
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 PART=${1:-all}
@@ -40,11 +41,11 @@ fi
 
 # Kernels: "kernels" times the defaults only (one tile config per kernel), "sweep" every config.
 if [[ $PART == all || $PART == kernels ]]; then
-  caps=(60 60 160)
-  tiles=(--decode_configs=128:4 --decode_mla_configs=32:64:4:1 --configs=32:64:4:2 --index_configs=4:128:8:2 --topk_configs=4096:8
-         --bwd_configs=32:32:8:2 --seq_lens=16384,65536)
+  caps=(60 60 110 60)
+  tiles=(--decode_configs=128:4 --decode_mla_configs=32:64:4:1 --configs=32:64:4:2 --index_configs=4:128:8:2
+         --topk_configs=4096:8 --bwd_configs=32:32:8:2 --seq_lens=16384,65536)
 elif [[ $PART == sweep ]]; then
-  caps=(120 120 330)
+  caps=(120 120 220 110)
   tiles=(--seq_lens=4096,16384,65536)
 fi
 if [[ $PART == all || $PART == kernels || $PART == sweep ]]; then
@@ -54,7 +55,10 @@ if [[ $PART == all || $PART == kernels || $PART == sweep ]]; then
   echo "== decode sparse MLA (H=128, k=2048) on the stacked cache vs the old path (XLA gather + prefill kernel) =="
   timeout ${caps[1]} python3 -m experiments.bench_kernels --parts=decode_mla "${tiles[@]}" \
     --out="$OUT/bench_kernels_decode_mla.json" 2>&1 | quiet | tee "$OUT/bench_kernels_decode_mla.log"
-  echo "== DSA kernels: check on the device, then time against the XLA reference and cuDNN dense =="
-  timeout ${caps[2]} python3 -m experiments.bench_kernels --parts=sparse_mla,indexer,backward "${tiles[@]}" \
+  echo "== DSA prefill kernels: check on the device, then time against the XLA reference and cuDNN dense =="
+  timeout ${caps[2]} python3 -m experiments.bench_kernels --parts=sparse_mla,indexer "${tiles[@]}" \
     --out="$OUT/bench_kernels.json" 2>&1 | quiet | tee "$OUT/bench_kernels.log"
+  echo "== sparse MLA backward: check against the reference VJP, then time (its own cap: a slow prefill part cannot cut it) =="
+  timeout ${caps[3]} python3 -m experiments.bench_kernels --parts=backward "${tiles[@]}" \
+    --out="$OUT/bench_kernels_backward.json" 2>&1 | quiet | tee "$OUT/bench_kernels_backward.log"
 fi
