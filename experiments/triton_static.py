@@ -15,7 +15,10 @@ config the table gives:
     steps of 8 per thread), shared memory (228 KiB, 1 KiB reserved per program) and warps (64)
     allow: 1 means no other program hides this one's memory latency;
   - wgmma / mma: matmuls on Hopper's warpgroup MMA vs the older mma.sync path;
-  - cvt: layout conversions (each a shared-memory round trip unless trivial).
+  - cvt: layout conversions (each a shared-memory round trip unless trivial);
+  - atom / red / membar: global atomics that return a value (ATOMG) or not (REDG), and memory
+    barriers (MEMBAR), counted in the SASS (the package's cuobjdump): an acquire-release atomic
+    brings a MEMBAR and an L1 invalidation with it (`pallas_kernels/triton_lowering.py`).
 A config Triton or ptxas rejects is listed with its error. Caveat: XLA compiles Pallas kernels
 with its own bundled Triton, not this package's, so the figures are indicative (a config that
 spills here likely spills there), not measurements; timings need `bench_kernels` on a GPU.
@@ -105,18 +108,22 @@ def compile_stats(ttir: str, num_warps: int, num_stages: int, arch: int) -> dict
             f.write(ttir)
         compiled = triton.compile(path, target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": num_warps, "num_stages": num_stages})
-        ptx = os.path.join(tmp, "kernel.ptx")
+        ptx, cubin = os.path.join(tmp, "kernel.ptx"), os.path.join(tmp, "kernel.cubin")
         with open(ptx, "w") as f:
             f.write(compiled.asm["ptx"])
-        report = subprocess.run([_ptxas(), "-v", f"--gpu-name=sm_{arch}a", ptx, "-o", os.devnull],
+        report = subprocess.run([_ptxas(), "-v", f"--gpu-name=sm_{arch}a", ptx, "-o", cubin],
                                 capture_output=True, text=True, check=True).stderr
+        sass = subprocess.run([os.path.join(os.path.dirname(_ptxas()), "cuobjdump"), "-sass", cubin],
+                              capture_output=True, text=True, check=True).stdout
     ttgir = compiled.asm["ttgir"]
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
     regs, smem = int(re.search(r"Used (\d+) registers", report).group(1)), compiled.metadata.shared
     per_sm = min(65536 // (-(-regs // 8) * 8 * 32 * num_warps), 228 * 1024 // (smem + 1024), 64 // num_warps)
+    opcodes = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass, re.MULTILINE)
     return {"regs": regs, "spill": sum(spills), "smem_kib": smem / 1024, "per_sm": per_sm,
             "wgmma": ttgir.count("ttng.warp_group_dot"), "mma": len(re.findall(r"= tt\.dot ", ttgir)),
-            "cvt": ttgir.count("ttg.convert_layout")}
+            "cvt": ttgir.count("ttg.convert_layout"), "atom": opcodes.count("ATOMG"), "red": opcodes.count("REDG"),
+            "membar": opcodes.count("MEMBAR")}
 
 
 def _cases():
@@ -156,7 +163,7 @@ def main(argv):
     except ImportError:
         raise SystemExit("experiments.triton_static needs the triton package: pip install triton") from None
     print(f"{'kernel':16s} {'config':18s} {'call':>4s} {'regs':>5s} {'spill':>6s} {'smem_kib':>8s} {'per_sm':>6s} "
-          f"{'wgmma':>5s} {'mma':>4s} {'cvt':>4s}")
+          f"{'wgmma':>5s} {'mma':>4s} {'cvt':>4s} {'atom':>4s} {'red':>4s} {'membar':>6s}")
     rows = []
     for kernel, cfg, fn, args in _cases():
         if kernel not in _KERNELS.value:
@@ -167,7 +174,7 @@ def main(argv):
                 row |= compile_stats(ttir, warps, stages, _ARCH.value)
                 print(f"{kernel:16s} {cfg:18s} {call:>4d} {row['regs']:>5d} {row['spill']:>6d} "
                       f"{row['smem_kib']:>8.1f} {row['per_sm']:>6d} {row['wgmma']:>5d} {row['mma']:>4d} "
-                      f"{row['cvt']:>4d}", flush=True)
+                      f"{row['cvt']:>4d} {row['atom']:>4d} {row['red']:>4d} {row['membar']:>6d}", flush=True)
             except Exception as e:  # a config Triton or ptxas rejects (shared memory, registers)
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 print(f"{kernel:16s} {cfg:18s} {call:>4d} failed: {row['error'][:200]}", flush=True)

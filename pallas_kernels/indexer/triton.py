@@ -3,7 +3,7 @@
 The kernel computes, for a block of `block_t` queries against a block of `block_s` keys,
 I[t, s] = k_scale[s] · Σ_h w[t, h] · relu(q[t, h] · k[s]) in float32 (one [block_t·H, D] x
 [D, block_s] matmul, ReLU, a weighted head sum), writing -inf outside s <= t + q_offset and
-s < k_len. q and k may be bf16, fp32 or FP8 e4m3 (Hopper's fp8 wgmma, `pallas_kernels/triton_fp8.py`;
+s < k_len. q and k may be bf16, fp32 or FP8 e4m3 (Hopper's fp8 wgmma, `pallas_kernels/triton_lowering.py`;
 the per-key scale comes in as k_scale and q's is folded into w by the caller).
 `indexer_topk_triton` runs it over chunks of `chunk_size` queries and selects each chunk's top-k
 with `pallas_kernels.topk.select_topk` (radix select, no sort; the same set as `lax.top_k`, lowest
@@ -62,7 +62,7 @@ from pallas_kernels.chunking import causal_segments, map_chunks, map_query_chunk
 from pallas_kernels.tiles import next_pow2, rows_per_call
 from pallas_kernels.topk import select_topk
 from pallas_kernels.topk_triton import select_topk_triton
-from pallas_kernels.triton_fp8 import enable_fp8_wgmma
+from pallas_kernels.triton_lowering import use_fp8_wgmma
 
 BLOCK_T, BLOCK_S = 4, 128  # default tiles: queries x keys per program
 
@@ -148,7 +148,6 @@ def indexer_scores_triton(q, k, w, k_scale, k_len, positions, *, q_offset=0, blo
     """
     b, tc, h, d = q.shape
     s = k.shape[1]
-    enable_fp8_wgmma()  # fp8 q, k: Hopper's fp8 wgmma, not an f16 upcast (pallas_kernels/triton_fp8.py)
     if rows_per_call(b, _row_operands(q, k, tc, block_t, block_s), "indexer_scores_triton") < b:
         raise ValueError(f"indexer_scores_triton: q {q.shape} / k {k.shape} of {q.dtype} / {k.dtype}: a 1-byte operand "
                          "of 2^31-2^32 elements overflows the Triton lowering's 32-bit offsets; pass fewer batch rows "
@@ -170,6 +169,8 @@ def indexer_scores_triton(q, k, w, k_scale, k_len, positions, *, q_offset=0, blo
         pl.BlockSpec((None, key_tile), lambda i, j, *l: (i, key_block(*l))),
         pl.BlockSpec((1,), lambda i, j, *l: (i,)),
     ]
+    name = "indexer_scores_key_loop" if key_loop else "indexer_scores"
+    use_fp8_wgmma(name)  # fp8 q, k: Hopper's fp8 wgmma, not an f16 upcast (pallas_kernels/triton_lowering.py)
     out = pl.pallas_call(
         functools.partial(_scores_key_loop_kernel if key_loop else _scores_kernel, block_s=block_s, q_offset=q_offset),
         grid=grid,
@@ -178,7 +179,7 @@ def indexer_scores_triton(q, k, w, k_scale, k_len, positions, *, q_offset=0, blo
         out_shape=jax.ShapeDtypeStruct((b, tp, sp), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name="indexer_scores_key_loop" if key_loop else "indexer_scores",
+        name=name,
     )(positions, q, w, k, k_scale, k_len.astype(jnp.int32))
     return out[:, :tc, :s]
 

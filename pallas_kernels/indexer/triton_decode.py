@@ -6,7 +6,7 @@ key limit per query. Query t of sequence b scores the keys s < k_len[b, t] of on
 I[t, s] = k_scale[s] · Σ_h w[t, h] · relu(q[t, h] · k[layer, b, s]) in float32.
 
 The grid is (B, S blocks). A program takes the T·H query rows of its sequence as one
-[T·H, D] x [D, block_s] matmul (bf16, fp32 or fp8 e4m3 on Hopper's fp8 wgmma, `triton_fp8`;
+[T·H, D] x [D, block_s] matmul (bf16, fp32 or fp8 e4m3 on Hopper's fp8 wgmma, `triton_lowering`;
 fp32 accumulation), then ReLU, the weighted head sum and the key scale, and writes -inf where
 s >= k_len[b, t].
 Why it reads the cache itself:
@@ -42,7 +42,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.tiles import next_pow2, overflows_offsets
 from pallas_kernels.topk import select_topk
 from pallas_kernels.topk_triton import select_topk_triton
-from pallas_kernels.triton_fp8 import enable_fp8_wgmma
+from pallas_kernels.triton_lowering import use_fp8_wgmma
 
 
 def _scores_kernel(layer_ref, klen_ref, q_ref, w_ref, k_ref, *rest, block_s, num_keys):
@@ -80,7 +80,7 @@ def indexer_scores_decode_triton(q, k_cache, w, layer, k_len, k_scale=None, *, b
     """
     b, t, h, d = q.shape
     s = k_cache.shape[2]
-    enable_fp8_wgmma()  # fp8 q, k: Hopper's fp8 wgmma, not an f16 upcast (pallas_kernels/triton_fp8.py)
+    use_fp8_wgmma("indexer_scores_decode")  # fp8 q, k: Hopper's fp8 wgmma, not an f16 upcast (triton_lowering.py)
     if d != next_pow2(d):
         raise ValueError(f"indexer_scores_decode_triton: head dim D must be a power of two >= 16 (the cache is read "
                          f"in place, unpadded), got {d}")

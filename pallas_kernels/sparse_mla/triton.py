@@ -12,9 +12,14 @@ adds each gathered row's gradient (scale·dSᵀq + Pᵀ dO on the latent part) i
 with atomic adds: a row is shared by every query that selected it. (Interpret mode emulates the
 atomics with a scatter that counts a row repeated within one block once; the indexer never
 selects a key twice, and on the GPU the atomics are exact.) Those atomics bound it (H200,
-T=16K: ~43 TFLOP/s), so `split_dkv=True` moves dkv into a second kernel, one program per query,
-that sums each row block's gradient over all heads before adding it: H/block_h times fewer
-atomic adds for recomputing P and dS once more (not yet timed on a GPU).
+T=16K: ~43 TFLOP/s). Two changes since, neither timed on a GPU yet:
+- the adds are relaxed (`triton_lowering.relax_atomic_adds`): as Pallas lowers them, acquire-release,
+  each compiled to MEMBAR.ALL.GPU + ATOMG + CCTL.IVALL (wait for every outstanding memory
+  operation of the thread, then invalidate the SM's L1), 18 of them per row block of the measured
+  tile; relaxed, they are fire-and-forget REDs with no barrier;
+- `split_dkv=True` moves dkv into a second kernel, one program per query, that sums each row
+  block's gradient over all heads before adding it: H/block_h times fewer atomic adds for
+  recomputing P and dS once more.
 
 Triton wants power-of-two tiles of at least 16, so the wrapper pads the head, latent and RoPE
 dims (zeros change no dot product) and the top-k axis (with -1), and flattens the batch into
@@ -49,6 +54,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.tiles import next_pow2
+from pallas_kernels.triton_lowering import relax_atomic_adds
 
 
 def attend_blocks(idx_ref, qn, qr, gather, *, scale, block_k, first_block, num_blocks, values=None, value_dim=None):
@@ -297,6 +303,8 @@ def sparse_mla_bwd(q, kv, indices, out, lse, d_out, *, scale, v_dim, block_h=32,
     dkv_shapes = [jax.ShapeDtypeStruct((b * s + 1, w), jnp.float32) for w in (vp, rp)]
     dq_shapes = [jax.ShapeDtypeStruct((b * t, hp, w), q.dtype) for w in (vp, rp)]
     params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    for name in ("sparse_mla_bwd", "sparse_mla_bwd_dkv"):  # dkv is read only after the kernel: no ordering needed
+        relax_atomic_adds(name)
     head_vec = pl.BlockSpec((None, block_h), lambda i, j: (i, j))
     in_specs = _specs(dims, (vp, rp, vp), (vp, rp))
     in_specs = in_specs[:4] + [head_vec, head_vec] + in_specs[4:]

@@ -88,3 +88,7 @@ def test_triton_static_compiles_every_kernel_offline(tmp_path):
     # Every kernel's matmuls reach the tensor cores (the top-k kernel has none).
     assert all(r["wgmma"] + r["mma"] > 0 for r in rows if r["kernel"] != "topk"), rows
     assert all(r["wgmma"] > 0 for r in rows if r["kernel"] == "indexer_fp8"), rows  # fp8 wgmma, not an f16 upcast
+    # The backward adds dkv with relaxed REDs: no value-returning atomics, no memory barriers (the split form's
+    # first kernel, dq, adds nothing).
+    bwd = [r for r in rows if r["kernel"] == "sparse_mla_bwd" and not (r["config"].endswith("split") and r["call"] == 0)]
+    assert bwd and all(r["red"] > 0 and r["atom"] == 0 and r["membar"] == 0 for r in bwd), bwd

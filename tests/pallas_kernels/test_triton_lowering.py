@@ -15,7 +15,8 @@ lies in that range. The prefill indexer's key-loop variant lowers at B = 1, a 51
 S = 64K keys (bf16 and fp8). At T = S = 64K the prefill indexer calls its scores kernel once per
 causal run, each with only the keys that run sees. The top-k kernel (`select_topk_triton`) lowers
 on a [512, 64K] block of scores, and behind the prefill and decode indexers (`topk_kernel=True`).
-The indexers' fp8 dots reach the Triton IR marked for Hopper's fp8 wgmma (`triton_fp8`).
+The indexers' fp8 dots reach the Triton IR marked for Hopper's fp8 wgmma and the backward's atomic
+adds relaxed (`triton_lowering`).
 """
 
 import math
@@ -24,6 +25,8 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from experiments.triton_static import triton_kernels
 from pallas_kernels.indexer.triton import indexer_scores_triton, indexer_topk_triton
@@ -93,12 +96,31 @@ KERNELS |= {"indexer_topk_decode_t1": decode_case(1, jnp.bfloat16), "indexer_top
 @pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.bfloat16])
 def test_fp8_indexer_dots_are_marked_for_wgmma(dtype):
     """The indexer kernels' fp8 x fp8 -> float32 dots carry maxNumImpreciseAcc (Triton's condition for Hopper's
-    fp8 wgmma, else an f16 upcast on mma.sync: pallas_kernels/triton_fp8.py); bf16 dots do not."""
+    fp8 wgmma, else an f16 upcast on mma.sync: pallas_kernels/triton_lowering.py); bf16 dots do not."""
     grid = (lambda q, k, w, ks: indexer_topk_triton(q, k, w, topk=K, k_scale=ks, q_offset=S - T),
             (sd((B, T, HI, DI), dtype), sd((B, S, DI), dtype), sd((B, T, HI), jnp.float32), sd((B, S), jnp.float32)))
     for fn, args in (grid, key_loop_case(dtype), decode_case(1, dtype)):
         dots = [line for ir, *_ in triton_kernels(fn, *args) for line in ir.splitlines() if "tt.dot " in line]
         assert dots and all(("maxNumImpreciseAcc = 128" in line) == (dtype == jnp.float8_e4m3fn) for line in dots), dots
+
+
+def test_backward_atomic_adds_are_relaxed_and_only_there():
+    """The sparse MLA backward's dkv atomic adds (fused and split forms) lower with relaxed semantics: acq_rel ones
+    become MEMBAR + ATOM + L1 invalidation in SASS (pallas_kernels/triton_lowering.py). Another kernel's keep
+    Pallas' acq_rel: the change is scoped by kernel name."""
+    for name in ("sparse_mla_bwd", "sparse_mla_bwd_split_dkv"):
+        fn, args = KERNELS[name]
+        adds = [line for ir, *_ in triton_kernels(fn, *args) for line in ir.splitlines() if "tt.atomic_rmw" in line]
+        assert adds and all("tt.atomic_rmw fadd, relaxed, gpu" in line for line in adds), adds
+
+    def counter(x_ref, o_ref):
+        plgpu.atomic_add(o_ref, (jnp.arange(16, dtype=jnp.int32),), x_ref[...])
+
+    other = lambda x: pl.pallas_call(counter, out_shape=jax.ShapeDtypeStruct((16,), jnp.float32), name="other",
+                                     compiler_params=plgpu.CompilerParams(num_warps=4))(x)
+    adds = [line for ir, *_ in triton_kernels(other, sd((16,), jnp.float32)) for line in ir.splitlines()
+            if "tt.atomic_rmw" in line]
+    assert adds and all("tt.atomic_rmw fadd, acq_rel, gpu" in line for line in adds), adds
 
 
 def export_for_cuda(fn, args):

@@ -1,0 +1,98 @@
+"""Two fixes to what Pallas' Triton lowering emits for our kernels, found compiling them offline for sm_90a.
+
+1. FP8 dots on wgmma. Pallas lowers `jnp.dot` to a `tt.dot` without `maxNumImpreciseAcc` (JAX 0.10
+   to 0.12). For an fp8 x fp8 -> float32 dot Triton then refuses Hopper's wgmma, which it allows
+   only where the tensor core may sum at least 32 products in its own reduced-precision
+   accumulator before each float32 promotion, and falls back to mma.sync on operands upcast to
+   f16: FP8 inputs halve the bytes read but never reach the FP8 tensor-core rate (the indexer
+   scores kernel at 4:64:8:2 on fp8 q and k: f16 mma.sync at 194 registers as Pallas lowers it,
+   fp8 wgmma at 139 with the attribute). `use_fp8_wgmma(name)` gives that kernel's fp8 dots
+   maxNumImpreciseAcc = 128: up to 128 products per promotion, DeepGEMM's interval for its FP8
+   GEMMs and the indexer's whole contraction (D = 128).
+2. Relaxed atomic adds. Pallas lowers every atomic to `tt.atomic_rmw` with acquire-release
+   semantics at GPU scope; in SASS each becomes MEMBAR.ALL.GPU + ATOMG + CCTL.IVALL: the thread
+   waits for all of its outstanding memory operations, then the SM's L1 cache is invalidated, at
+   every add (the fused sparse MLA backward issues 18 per block of gathered rows, and then
+   gathers the next block through the emptied L1). Adding into a buffer that nothing reads before
+   the kernel ends needs atomicity only: `relax_atomic_adds(name)` makes that kernel's atomic adds
+   relaxed, which compile to fire-and-forget REDs without barriers.
+
+Both are scoped to the pallas_calls named (a kernel whose atomics order other memory operations,
+a flag or a lock, keeps its semantics) and work by wrapping JAX's lowering rules for
+`lax.dot_general` and Pallas' atomic primitive in an internal table
+(`jax._src.pallas.triton.lowering.triton_lowering_rules`), once per process. Lowering happens
+when the enclosing jit compiles, after the kernel wrappers have run, so the names are registered
+for the life of the process. tests/pallas_kernels/test_triton_lowering.py checks that both reach
+the kernels' Triton IR; `experiments/triton_static.py` shows the SASS effect.
+"""
+
+import jax.numpy as jnp
+from jax import lax
+from jax._src.lib.mlir import ir
+from jax._src.lib.triton import dialect as tt_dialect
+from jax._src.pallas.triton import lowering
+from jax._src.pallas.triton import primitives as triton_primitives
+
+PROMOTION_INTERVAL = 128  # fp8 products summed in the tensor core before each float32 add
+
+_FP8 = (jnp.float8_e4m3fn, jnp.float8_e5m2)
+_FP8_WGMMA: set[str] = set()     # kernel names whose fp8 dots go to wgmma
+_RELAXED_ADDS: set[str] = set()  # kernel names whose atomic adds are relaxed
+
+
+def _owner(value, op_name, fix):
+    """The op that produced `value`, checked to be `op_name` (else the lowering changed under us: fail loudly)."""
+    op = value.owner
+    if op.name != op_name:
+        raise NotImplementedError(f"pallas_kernels.triton_lowering ({fix}): expected a {op_name} result, got {op.name}")
+    return op
+
+
+def _fp8_dot_rule(rule):
+    def dot_general(ctx, a, b, **params):
+        out = rule(ctx, a, b, **params)
+        (a_aval, b_aval), (out_aval,) = ctx.avals_in, ctx.avals_out
+        if (ctx.context.name in _FP8_WGMMA and a_aval.dtype in _FP8 and b_aval.dtype in _FP8
+                and out_aval.dtype == jnp.float32):  # float32 out: the dot's own result, no cast after it
+            dot = _owner(out, "tt.dot", "fp8 wgmma")
+            dot.attributes["maxNumImpreciseAcc"] = ir.IntegerAttr.get(ir.IntegerType.get_signless(32),
+                                                                      PROMOTION_INTERVAL)
+        return out
+
+    return dot_general
+
+
+def _relaxed_add_rule(rule):
+    def atomic_rmw(ctx, *args, atomic_type, **params):
+        out = rule(ctx, *args, atomic_type=atomic_type, **params)
+        if ctx.context.name in _RELAXED_ADDS and atomic_type == triton_primitives.AtomicOpType.ADD:
+            op = _owner(out, "tt.atomic_rmw", "relaxed adds")
+            i32 = ir.IntegerType.get_signless(32)
+            if op.attributes["sem"] != ir.IntegerAttr.get(i32, int(tt_dialect.MemSemantic.ACQUIRE_RELEASE)):
+                raise NotImplementedError(f"pallas_kernels.triton_lowering (relaxed adds): expected acq_rel "
+                                          f"semantics, got {op.attributes['sem']}")
+            op.attributes["sem"] = ir.IntegerAttr.get(i32, int(tt_dialect.MemSemantic.RELAXED))
+        return out
+
+    return atomic_rmw
+
+
+def _install():
+    """Wraps the two lowering rules once (idempotent)."""
+    rules = lowering.triton_lowering_rules
+    for primitive, wrap in ((lax.dot_general_p, _fp8_dot_rule), (triton_primitives.atomic_rmw_p, _relaxed_add_rule)):
+        if not getattr(rules[primitive], "deepseek_jax_fix", False):
+            rules[primitive] = wrap(rules[primitive])
+            rules[primitive].deepseek_jax_fix = True
+
+
+def use_fp8_wgmma(kernel_name: str):
+    """The pallas_call named kernel_name lowers its fp8 x fp8 -> float32 dots for Hopper's fp8 wgmma."""
+    _install()
+    _FP8_WGMMA.add(kernel_name)
+
+
+def relax_atomic_adds(kernel_name: str):
+    """The pallas_call named kernel_name lowers its atomic adds with relaxed semantics (atomic, unordered)."""
+    _install()
+    _RELAXED_ADDS.add(kernel_name)
