@@ -109,9 +109,9 @@ _MAX_REF_BWD = flags.DEFINE_integer("max_reference_bwd_len", 4096,
                                     "longest T for the reference VJP (it holds T·k gathered rows: 118 GiB at 16K)")
 _INDEX_HEADS = flags.DEFINE_integer("index_heads", 64, "indexer heads")
 _INDEX_DIM = flags.DEFINE_integer("index_dim", 128, "indexer head dim")
-# experiments/triton_static: the 8-warp tiles fit one program per SM, the 4-warp ones two (no spills).
-_INDEX_CONFIGS = flags.DEFINE_list("index_configs", ["4:128:8:2", "4:64:8:2", "4:64:4:2", "2:64:4:2", "4:128:8:2:loop",
-                                                    "4:64:8:2:loop", "4:64:4:2:loop", "2:128:4:2:loop"],
+# experiments/triton_static (keys x (query, head) logits): none of these spills; 1-4 programs per SM.
+_INDEX_CONFIGS = flags.DEFINE_list("index_configs", ["4:128:8:2", "4:64:8:2", "2:64:4:2", "8:64:8:2", "4:64:8:2:loop",
+                                                    "2:128:8:2:loop", "2:64:8:2:loop", "4:128:8:1:loop"],
                                    "indexer tiles block_t:block_s:num_warps:num_stages[:loop] (:loop = the key-loop "
                                    "kernel), ...")
 # experiments/triton_static: no spills; 128 registers at 8 warps (2 programs per SM), 168 at 4 warps (3 per SM).

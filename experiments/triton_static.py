@@ -18,7 +18,9 @@ config the table gives:
   - cvt: layout conversions (each a shared-memory round trip unless trivial);
   - atom / red / membar: global atomics that return a value (ATOMG) or not (REDG), and memory
     barriers (MEMBAR), counted in the SASS (the package's cuobjdump): an acquire-release atomic
-    brings a MEMBAR and an L1 invalidation with it (`pallas_kernels/triton_lowering.py`).
+    brings a MEMBAR and an L1 invalidation with it (`pallas_kernels/triton_lowering.py`);
+  - shfl / sass: warp shuffles and all instructions in the SASS (static counts, not executed ones:
+    a loop body counts once), e.g. the indexer's head sum across lanes vs within threads.
 A config Triton or ptxas rejects is listed with its error. Caveat: XLA compiles Pallas kernels
 with its own bundled Triton, not this package's, so the figures are indicative (a config that
 spills here likely spills there), not measurements; timings need `bench_kernels` on a GPU.
@@ -123,7 +125,7 @@ def compile_stats(ttir: str, num_warps: int, num_stages: int, arch: int) -> dict
     return {"regs": regs, "spill": sum(spills), "smem_kib": smem / 1024, "per_sm": per_sm,
             "wgmma": ttgir.count("ttng.warp_group_dot"), "mma": len(re.findall(r"= tt\.dot ", ttgir)),
             "cvt": ttgir.count("ttg.convert_layout"), "atom": opcodes.count("ATOMG"), "red": opcodes.count("REDG"),
-            "membar": opcodes.count("MEMBAR")}
+            "membar": opcodes.count("MEMBAR"), "shfl": opcodes.count("SHFL"), "sass": len(opcodes)}
 
 
 def _cases():
@@ -163,7 +165,7 @@ def main(argv):
     except ImportError:
         raise SystemExit("experiments.triton_static needs the triton package: pip install triton") from None
     print(f"{'kernel':16s} {'config':18s} {'call':>4s} {'regs':>5s} {'spill':>6s} {'smem_kib':>8s} {'per_sm':>6s} "
-          f"{'wgmma':>5s} {'mma':>4s} {'cvt':>4s} {'atom':>4s} {'red':>4s} {'membar':>6s}")
+          f"{'wgmma':>5s} {'mma':>4s} {'cvt':>4s} {'atom':>4s} {'red':>4s} {'membar':>6s} {'shfl':>5s} {'sass':>6s}")
     rows = []
     for kernel, cfg, fn, args in _cases():
         if kernel not in _KERNELS.value:
@@ -174,7 +176,8 @@ def main(argv):
                 row |= compile_stats(ttir, warps, stages, _ARCH.value)
                 print(f"{kernel:16s} {cfg:18s} {call:>4d} {row['regs']:>5d} {row['spill']:>6d} "
                       f"{row['smem_kib']:>8.1f} {row['per_sm']:>6d} {row['wgmma']:>5d} {row['mma']:>4d} "
-                      f"{row['cvt']:>4d} {row['atom']:>4d} {row['red']:>4d} {row['membar']:>6d}", flush=True)
+                      f"{row['cvt']:>4d} {row['atom']:>4d} {row['red']:>4d} {row['membar']:>6d} {row['shfl']:>5d} "
+                      f"{row['sass']:>6d}", flush=True)
             except Exception as e:  # a config Triton or ptxas rejects (shared memory, registers)
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 print(f"{kernel:16s} {cfg:18s} {call:>4d} failed: {row['error'][:200]}", flush=True)

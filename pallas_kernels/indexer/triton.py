@@ -1,8 +1,8 @@
 """Lightning-indexer scores as a Pallas kernel with the Triton lowering (GPU), top-k by chunks.
 
 The kernel computes, for a block of `block_t` queries against a block of `block_s` keys,
-I[t, s] = k_scale[s] · Σ_h w[t, h] · relu(q[t, h] · k[s]) in float32 (one [block_t·H, D] x
-[D, block_s] matmul, ReLU, a weighted head sum), writing -inf outside s <= t + q_offset and
+I[t, s] = k_scale[s] · Σ_h w[t, h] · relu(q[t, h] · k[s]) in float32 (one [block_s, D] x
+[D, block_t·H] matmul, ReLU, a weighted head sum: `_score_tile`), writing -inf outside s <= t + q_offset and
 s < k_len. q and k may be bf16, fp32 or FP8 e4m3 (Hopper's fp8 wgmma, `pallas_kernels/triton_lowering.py`;
 the per-key scale comes in as k_scale and q's is folded into w by the caller).
 `indexer_topk_triton` runs it over chunks of `chunk_size` queries and selects each chunk's top-k
@@ -72,11 +72,16 @@ def _score_tile(q, w, k, k_scale, keys, limit):
 
     q [block_t, Hp, Dp], w [block_t, Hp], k [block_s, Dp], k_scale [block_s], keys [block_s], limit [block_t].
     Both kernels call it, so the key loop computes each tile exactly as the grid does.
+    The logits are computed transposed, keys x (query, head) = k · qᵀ, so the head sum runs along
+    the accumulator's columns, which the MMA layout keeps mostly within a thread (DeepGEMM's
+    orientation). With queries x heads on the rows (q · kᵀ) the sum crossed lanes: compiled for
+    sm_90a at the default tile, 320 warp shuffles and 320 adds per thread per tile against 16 and
+    72 now, 1504 -> 656 SASS instructions, 244 -> 186 registers (`experiments/triton_static.py`).
     """
     block_t, heads, dim = q.shape
     block_s = k.shape[0]
-    logits = jnp.maximum(jnp.dot(q.reshape(block_t * heads, dim), k.T, preferred_element_type=jnp.float32), 0.0)
-    scores = jnp.sum((logits * w.reshape(block_t * heads, 1)).reshape(block_t, heads, block_s), axis=1)
+    logits = jnp.maximum(jnp.dot(k, q.reshape(block_t * heads, dim).T, preferred_element_type=jnp.float32), 0.0)
+    scores = jnp.sum((logits * w.reshape(1, block_t * heads)).reshape(block_s, block_t, heads), axis=2).T
     return jnp.where(keys[None, :] < limit[:, None], scores * k_scale[None, :], -jnp.inf)
 
 

@@ -6,9 +6,9 @@ key limit per query. Query t of sequence b scores the keys s < k_len[b, t] of on
 I[t, s] = k_scale[s] · Σ_h w[t, h] · relu(q[t, h] · k[layer, b, s]) in float32.
 
 The grid is (B, S blocks). A program takes the T·H query rows of its sequence as one
-[T·H, D] x [D, block_s] matmul (bf16, fp32 or fp8 e4m3 on Hopper's fp8 wgmma, `triton_lowering`;
-fp32 accumulation), then ReLU, the weighted head sum and the key scale, and writes -inf where
-s >= k_len[b, t].
+[block_s, D] x [D, T·H] matmul (keys x (query, head), so the head sum stays mostly within a
+thread; bf16, fp32 or fp8 e4m3 on Hopper's fp8 wgmma, `triton_lowering`; fp32 accumulation),
+then ReLU, the weighted head sum and the key scale, and writes -inf where s >= k_len[b, t].
 Why it reads the cache itself:
 - k_cache [L, B, S, D] and k_scale [L, B, S] come in whole (no BlockSpec) and the program loads
   its block at (layer, b, block) by pointer: XLA never slices the layer out, which would copy
@@ -60,8 +60,9 @@ def _scores_kernel(layer_ref, klen_ref, q_ref, w_ref, k_ref, *rest, block_s, num
         in_cache = None if num_keys % block_s == 0 else keys < num_keys  # only the last block has rows past S
         k = plgpu.load(k_ref.at[layer, b, rows, :], mask=None if in_cache is None else in_cache[:, None],
                        other=None if in_cache is None else 0)
-        logits = jnp.maximum(jnp.dot(q_ref[...].reshape(tp * hp, d), k.T, preferred_element_type=jnp.float32), 0.0)
-        scores = jnp.sum((logits * w_ref[...].reshape(tp * hp, 1)).reshape(tp, hp, block_s), axis=1)
+        # Keys x (query, head), as the prefill kernel: the head sum stays mostly within a thread.
+        logits = jnp.maximum(jnp.dot(k, q_ref[...].reshape(tp * hp, d).T, preferred_element_type=jnp.float32), 0.0)
+        scores = jnp.sum((logits * w_ref[...].reshape(1, tp * hp)).reshape(block_s, tp, hp), axis=2).T
         if ks_ref is not None:
             scores = scores * plgpu.load(ks_ref.at[layer, b, rows], mask=in_cache, other=None if in_cache is None else 0)[None, :]
         o_ref[...] = jnp.where(keys[None, :] < limit[:, None], scores, -jnp.inf)
