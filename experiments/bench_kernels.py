@@ -23,8 +23,8 @@ The split, per query chunk (the last chunk of --index_chunk queries, which sees 
 the scores kernel alone, then top-k alone on its [chunk, T] fp32 scores, `select_topk` (radix
 select in XLA, what the kernel path runs by default) against `lax.top_k` (sort-based on GPU)
 and the top-k kernel at each --topk_configs tile (block:num_warps; checked equal to select_topk,
-order included); GB/s counts one read of the scores. The whole indexer runs T/chunk such chunks (earlier ones score fewer key
-blocks, but top-k always reads all T columns). Also printed: whether select_topk took its
+order included); GB/s counts one read of the scores. The whole indexer runs T/chunk such chunks
+(earlier ones score fewer key blocks, but top-k always reads all T columns). Also printed: whether select_topk took its
 sampled path (else its exact fallback over the full rows) and that both select the same set.
 sparse_mla backward (dq, dkv with atomic adds), each --bwd_configs tile config at --bwd_len (one
 kernel, dkv added per head block, or ":split": dq and dkv in two kernels, dkv summed over all heads
@@ -36,8 +36,8 @@ fractions use --peak_tflops and --peak_gbs (H200 measured here: ~790 TFLOP/s bf1
 Decode indexer (`ops.indexer_topk_decode`'s Triton kernel + select_topk; B=64 sequences, S=128K
 valid keys, T=1 query, 64 heads x 128, bf16 then fp8 keys with scales, on the last layer of an
 L=2 stacked cache): each --decode_configs tile (block_s:num_warps) in bf16, the best one in
-fp8, its scores kernel alone, the best with the top-k kernel (checked equal), and in the same run the old path on the sliced layer (the XLA
-reference; the prefill kernel once per query). GB/s counts the layer's key (+ scale) bytes,
+fp8, its scores kernel alone, the best with the top-k kernel (checked equal), and in the same
+run the old path on the sliced layer (the XLA reference; the prefill kernel once per query). GB/s counts the layer's key (+ scale) bytes,
 read once: the target is >= 70 % of --peak_gbs (perf_targets.md); see `_decode`.
 Decode sparse MLA attention (--parts=decode_mla: `ops.sparse_mla_decode`'s Triton
 kernel reading the selected rows from the stacked latent cache [L, B, S, 576], bf16; B=64, S=128K,
@@ -469,6 +469,11 @@ def _backward(scale, v):
     rows = []
     d = _V_DIM.value + _ROPE_DIM.value
     check_len = _CHECK_LEN.value
+
+    def kernel_fn(cfg, head_major=True):
+        return jax.jit(functools.partial(sparse_mla_bwd, scale=scale, v_dim=v, head_major=head_major,
+                                         interpret=_INTERPRET.value, **bwd_tiles(cfg)))
+
     for t in (check_len, _BWD_LEN.value):
         q, kv, idx = _inputs(t, jax.random.PRNGKey(7 + t))
         out, lse = sparse_mla_fwd(q, kv, idx, scale=scale, v_dim=v, interpret=_INTERPRET.value)
@@ -481,8 +486,7 @@ def _backward(scale, v):
             want = vjp(d_out.astype(jnp.float32))
         timed = {}
         for cfg in _BWD_CONFIGS.value:
-            fn = jax.jit(functools.partial(sparse_mla_bwd, scale=scale, v_dim=v, interpret=_INTERPRET.value,
-                                           **bwd_tiles(cfg)))
+            fn = kernel_fn(cfg)
             try:
                 if t == check_len:
                     got = fn(q, kv, idx, out, lse, d_out)
@@ -497,10 +501,8 @@ def _backward(scale, v):
                 print(f"backward config {cfg}: failed ({type(e).__name__}: {str(e)[:200]})", flush=True)
         if timed:  # the launch order first measured, for the fastest config
             best = min(timed, key=timed.get)
-            fn = jax.jit(functools.partial(sparse_mla_bwd, scale=scale, v_dim=v, interpret=_INTERPRET.value,
-                                           head_major=False, **bwd_tiles(best)))
-            rows.append(_row(f"sparse_mla bwd pallas query-major [{best}]", t, _time(fn, q, kv, idx, out, lse, d_out),
-                             flops, nbytes))
+            rows.append(_row(f"sparse_mla bwd pallas query-major [{best}]", t,
+                             _time(kernel_fn(best, head_major=False), q, kv, idx, out, lse, d_out), flops, nbytes))
         if t != check_len and t <= _MAX_REF_BWD.value:  # the reference's VJP keeps every gathered row
             ref_bwd = jax.jit(lambda q, kv, d_out: jax.vjp(
                 lambda a, b: sparse_mla_reference(a, b, idx, scale=scale, v_dim=v), q, kv)[1](d_out))

@@ -2,17 +2,17 @@
 
 The kernel computes, for a block of `block_t` queries against a block of `block_s` keys,
 I[t, s] = k_scale[s] · Σ_h w[t, h] · relu(q[t, h] · k[s]) in float32 (one [block_s, D] x
-[D, block_t·H] matmul, ReLU, a weighted head sum: `_score_tile`), writing -inf outside s <= t + q_offset and
-s < k_len. q and k may be bf16, fp32 or FP8 e4m3 (Hopper's fp8 wgmma, `pallas_kernels/triton_lowering.py`;
-the per-key scale comes in as k_scale and q's is folded into w by the caller).
-`indexer_topk_triton` runs it over chunks of `chunk_size` queries and selects each chunk's top-k
-with `pallas_kernels.topk.select_topk` (radix select, no sort; the same set as `lax.top_k`, lowest
-index first on ties, listed by ascending index; `topk_kernel=True`: the same selection as one
-Triton kernel, `select_topk_triton`), so memory is O(chunk_size · S), never [T, S]. Causal queries
-run in up to `segments` runs of whole chunks (`chunking.causal_segments`), each against only the
-keys its last query sees: at T = S and 8
-runs the scores grid, the scores written and the rows top-k reads are 56 % of T x S (the
-grid kernel's causal no-op programs and the top-k's reads of -inf columns were the rest).
+[D, block_t·H] matmul, ReLU, a weighted head sum: `_score_tile`), writing -inf outside
+s <= t + q_offset and s < k_len. q and k may be bf16, fp32 or FP8 e4m3 (Hopper's fp8 wgmma,
+`pallas_kernels/triton_lowering.py`; the per-key scale comes in as k_scale and q's is folded into
+w by the caller). `indexer_topk_triton` runs it over chunks of `chunk_size` queries and selects
+each chunk's top-k with `pallas_kernels.topk.select_topk` (radix select, no sort; the same set as
+`lax.top_k`, lowest index first on ties, listed by ascending index; `topk_kernel=True`: the same
+selection as one Triton kernel, `select_topk_triton`), so memory is O(chunk_size · S), never
+[T, S]. Causal queries run in up to `segments` runs of whole chunks (`chunking.causal_segments`),
+each against only the keys its last query sees: at T = S and 8 runs the scores grid, the scores
+written and the rows top-k reads are 56 % of T x S (the grid kernel's causal no-op programs and
+the top-k's reads of -inf columns were the rest).
 Reference: `pallas_kernels/indexer/reference.py`.
 
 JAX's Triton lowering addresses an operand with 32-bit signed element offsets unless it exceeds

@@ -81,7 +81,6 @@ def indexer_scores_decode_triton(q, k_cache, w, layer, k_len, k_scale=None, *, b
     """
     b, t, h, d = q.shape
     s = k_cache.shape[2]
-    use_fp8_wgmma("indexer_scores_decode")  # fp8 q, k: Hopper's fp8 wgmma, not an f16 upcast (triton_lowering.py)
     if d != next_pow2(d):
         raise ValueError(f"indexer_scores_decode_triton: head dim D must be a power of two >= 16 (the cache is read "
                          f"in place, unpadded), got {d}")
@@ -111,6 +110,8 @@ def indexer_scores_decode_triton(q, k_cache, w, layer, k_len, k_scale=None, *, b
     if k_scale is not None:
         in_specs.append(pl.no_block_spec)
         args.append(k_scale.astype(jnp.float32))
+    name = "indexer_scores_decode"
+    use_fp8_wgmma(name)  # fp8 q, k: Hopper's fp8 wgmma, not an f16 upcast (pallas_kernels/triton_lowering.py)
     return pl.pallas_call(
         functools.partial(_scores_kernel, block_s=block_s, num_keys=s),
         grid=(b, sp // block_s),
@@ -119,7 +120,7 @@ def indexer_scores_decode_triton(q, k_cache, w, layer, k_len, k_scale=None, *, b
         out_shape=jax.ShapeDtypeStruct((b, tp, sp), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name="indexer_scores_decode",
+        name=name,
     )(*args)
 
 

@@ -57,6 +57,14 @@ from pallas_kernels.tiles import next_pow2
 from pallas_kernels.triton_lowering import relax_atomic_adds
 
 
+def _index_block(idx_ref, i, block_k):
+    """(idx, used, rows) of index block i: the selected row indices, which slots are used (idx >= 0), and the
+    rows to read (unused slots read row 0)."""
+    idx = idx_ref[pl.ds(i * block_k, block_k)]
+    used = idx >= 0
+    return idx, used, jnp.where(used, idx, 0)
+
+
 def attend_blocks(idx_ref, qn, qr, gather, *, scale, block_k, first_block, num_blocks, values=None, value_dim=None):
     """Online softmax of qn [Hb, V], qr [Hb, R] over index blocks first_block .. first_block + num_blocks - 1
     of idx_ref (-1 = unused) -> (m, l, acc [Hb, Vs]) float32 (shared with the decode kernel).
@@ -69,9 +77,7 @@ def attend_blocks(idx_ref, qn, qr, gather, *, scale, block_k, first_block, num_b
 
     def body(i, carry):
         m, l, acc = carry
-        idx = idx_ref[pl.ds(i * block_k, block_k)]
-        used = idx >= 0
-        rows = jnp.where(used, idx, 0)
+        _, used, rows = _index_block(idx_ref, i, block_k)
         kn, kr = gather(rows, used)
         vals = kn if values is None else values(rows)
         s = (jnp.dot(qn, kn.T, preferred_element_type=jnp.float32)
@@ -206,9 +212,7 @@ def _block_grads(qn, qr, do, lse, delta, kn, kr, used, scale):
 
 def _gather_block(idx_ref, kvn_ref, kvr_ref, i, block_k):
     """(idx, used, latent rows, rope rows) of index block i (unused slots read row 0)."""
-    idx = idx_ref[pl.ds(i * block_k, block_k)]
-    used = idx >= 0
-    rows = jnp.where(used, idx, 0)
+    idx, used, rows = _index_block(idx_ref, i, block_k)
     return idx, used, kvn_ref[rows, :], kvr_ref[rows, :]
 
 
@@ -284,7 +288,7 @@ def sparse_mla_bwd(q, kv, indices, out, lse, d_out, *, scale, v_dim, block_h=32,
     Measured there at V3.2 shapes, T=16K: 546 ms, ~43 TFLOP/s, bound by the float32 atomic adds
     of every (query, head block) into the shared rows.
     split_dkv: two kernels instead. The first, grid (query, head block), writes dq only; the second,
-    grid (query,), sums each block of rows' gradient over all heads (a static loop over head blocks,
+    grid (query,), sums each block of rows' gradient over all heads (a loop over head blocks,
     recomputing P and dS) and adds it once: H/block_h times fewer atomic adds (4x at H = 128,
     block_h = 32) for ~40 % more matmul work (P and dS are computed twice). Not yet timed on a GPU.
     head_major: the launch order of the (query, head block) kernel (`_grid`); the 546 ms above
@@ -303,8 +307,8 @@ def sparse_mla_bwd(q, kv, indices, out, lse, d_out, *, scale, v_dim, block_h=32,
     dkv_shapes = [jax.ShapeDtypeStruct((b * s + 1, w), jnp.float32) for w in (vp, rp)]
     dq_shapes = [jax.ShapeDtypeStruct((b * t, hp, w), q.dtype) for w in (vp, rp)]
     params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-    for name in ("sparse_mla_bwd", "sparse_mla_bwd_dkv"):  # dkv is read only after the kernel: no ordering needed
-        relax_atomic_adds(name)
+    dkv_name = "sparse_mla_bwd_dkv" if split_dkv else "sparse_mla_bwd"  # the kernel that adds into dkv
+    relax_atomic_adds(dkv_name)  # dkv is read only after the kernel: its adds need no ordering
     head_vec = pl.BlockSpec((None, block_h), lambda i, j: (i, j))
     in_specs = _specs(dims, (vp, rp, vp), (vp, rp))
     in_specs = in_specs[:4] + [head_vec, head_vec] + in_specs[4:]
@@ -328,7 +332,7 @@ def sparse_mla_bwd(q, kv, indices, out, lse, d_out, *, scale, v_dim, block_h=32,
             input_output_aliases={8: 0, 9: 1},
             compiler_params=params,
             interpret=interpret,
-            name="sparse_mla_bwd_dkv",
+            name=dkv_name,
         )(*operands, *zeros)
     else:
         dkv_specs = [pl.BlockSpec((b * s + 1, w), lambda i, j: (0, 0)) for w in (vp, rp)]
@@ -342,7 +346,7 @@ def sparse_mla_bwd(q, kv, indices, out, lse, d_out, *, scale, v_dim, block_h=32,
             input_output_aliases={8: 2, 9: 3},
             compiler_params=params,
             interpret=interpret,
-            name="sparse_mla_bwd",
+            name=dkv_name,
         )(*operands, *zeros)
     r = q.shape[-1] - v_dim
     dq = jnp.concatenate([dqn.reshape(b, t, hp, vp)[:, :, :h, :v_dim], dqr.reshape(b, t, hp, rp)[:, :, :h, :r]], -1)

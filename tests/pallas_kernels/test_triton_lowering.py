@@ -2,8 +2,9 @@
 
 `jax.export` for the "cuda" platform runs Pallas's Triton lowering (kernel body -> Triton IR,
 serialized into a `__gpu$xla.gpu.triton` custom call) without a GPU, so a primitive the
-lowering does not support fails here rather than on the device. Not covered: Triton's own
-compilation to PTX (shared memory and register limits), which only a GPU run exercises.
+lowering does not support fails here rather than on the device. Triton's own compilation to
+PTX and SASS (shared memory and register limits) is the triton_static smoke test's
+(tests/experiments/test_benchmarks.py), with pip's Triton rather than XLA's.
 Tracing only: nothing executes, so real sizes cost little.
 
 The decode indexer at V3.2 decode shapes (B = 64 sequences, T = 1 or 2 queries, S = 128K cached
