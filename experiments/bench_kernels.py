@@ -85,9 +85,10 @@ _TOPK = flags.DEFINE_integer("topk", 2048, "selected rows per query")
 _HEADS = flags.DEFINE_integer("heads", 128, "attention heads")
 _V_DIM = flags.DEFINE_integer("v_dim", 512, "latent / value dim")
 _ROPE_DIM = flags.DEFINE_integer("rope_dim", 64, "RoPE dim (Dqk = v_dim + rope_dim)")
-# The four fastest of a 15-config sweep on an H200 (16:32 .. 64:128 tiles, 4/8 warps, 1-3 stages), then two
-# value-split tiles that experiments/triton_static shows compile to wgmma without spills (untimed).
-_CONFIGS = flags.DEFINE_list("configs", ["32:64:4:2", "64:64:8:3", "32:64:4:3", "64:64:8:2", "64:32:8:2:v2",
+# The two fastest of a 15-config sweep on an H200 (16:32 .. 64:128 tiles, 4/8 warps, 1-3 stages; third and fourth
+# were 32:64:4:3 and 64:64:8:2), then the tiles experiments/triton_static shows compile to wgmma without spills
+# (untimed): 64 heads x 16 rows, and two value-split tiles.
+_CONFIGS = flags.DEFINE_list("configs", ["32:64:4:2", "64:64:8:3", "64:16:8:2", "64:16:8:3", "64:32:8:2:v2",
                                          "64:16:8:3:v2"],
                              "block_h:block_k:num_warps:num_stages[:vN] (:vN = v_split=N: N programs per head "
                              "block, each accumulating 1/N of the value columns), ...")
@@ -127,7 +128,7 @@ _DECODE_QUERIES = flags.DEFINE_integer("decode_queries", 1, "decode: queries per
 _DECODE_LAYERS = flags.DEFINE_integer("decode_layers", 2, "decode: layers L of the stacked cache (the last is read)")
 _DECODE_CONFIGS = flags.DEFINE_list("decode_configs", ["128:4", "256:4", "256:8", "64:4"],
                                     "decode kernel tiles block_s:num_warps, ...")
-_DECODE_MLA_CONFIGS = flags.DEFINE_list("decode_mla_configs", ["32:64:4:1", "32:64:8:1", "64:32:8:1", "32:64:4:2"],
+_DECODE_MLA_CONFIGS = flags.DEFINE_list("decode_mla_configs", ["64:32:8:1", "32:64:4:1", "32:64:8:1", "32:64:4:2"],
                                         "decode sparse MLA tiles block_h:block_k:num_warps:num_splits, ...")
 
 

@@ -42,7 +42,7 @@ fi
 # Kernels: "kernels" times the defaults only (one tile config per kernel), "sweep" every config.
 if [[ $PART == all || $PART == kernels ]]; then
   caps=(60 60 110 60)
-  tiles=(--decode_configs=128:4 --decode_mla_configs=32:64:4:1 --configs=32:64:4:2 --index_configs=4:128:8:2
+  tiles=(--decode_configs=128:4 --decode_mla_configs=64:32:8:1 --configs=32:64:4:2 --index_configs=4:128:8:2
          --topk_configs=4096:8 --bwd_configs=32:32:8:2 --seq_lens=16384,65536)
 elif [[ $PART == sweep ]]; then
   caps=(120 120 220 110)

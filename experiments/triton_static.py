@@ -6,8 +6,9 @@
 For each kernel and each tile config of `experiments/bench_kernels.py`'s sweeps (the same flags
 and defaults), at V3.2 shapes, the Pallas kernel is lowered for CUDA on this CPU machine, its
 Triton IR is compiled for sm_90a (H100/H200) by the `triton` package (`pip install triton`; no GPU
-needed: the package ships ptxas), and ptxas reports registers per thread and spilled bytes. Per
-config the table gives:
+needed: the package ships ptxas) through the passes XLA runs on it (`_make_ttir`: triton.compile
+alone skips the TTIR passes of an IR file), and ptxas reports registers per thread and spilled
+bytes. Per config the table gives:
   - regs: registers per thread (255 is the cap);
   - spill: bytes stored + loaded to local memory per thread (should be 0);
   - smem_kib: shared memory per program (an H200 SM has 227 KiB; more fails to launch);
@@ -100,16 +101,41 @@ def _ptxas():
     raise FileNotFoundError(f"no ptxas in {bin_dir}")
 
 
+def _make_ttir(path: str, target, options: dict) -> str:
+    """Runs Triton's TTIR passes (inline, canonicalize, combine, CSE, loop unroll) on the IR file at `path`.
+
+    triton.compile skips the passes of an IR file's own stage, but XLA runs them on every Pallas kernel
+    (`MakeTTIR` in its CUDA pipeline), and they change the code: the combine pass folds
+    `acc + dot(a, b)` into a dot accumulating into acc, without which a second accumulator is live.
+    """
+    from triton._C.libtriton import ir
+    from triton.backends.compiler import Language
+    from triton.compiler import make_backend
+    backend = make_backend(target)
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    module = ir.parse_mlir_module(path, context)
+    module.context = context
+    stages = {}
+    backend.add_stages(stages, backend.parse_options(options), Language.TRITON)
+    return str(stages["ttir"](module, {}))
+
+
 def compile_stats(ttir: str, num_warps: int, num_stages: int, arch: int) -> dict:
-    """Compiles Triton IR for sm_<arch>a with the triton package and returns its resource figures."""
+    """Compiles Triton IR for sm_<arch>a with the triton package, through the passes XLA runs, and returns its
+    resource figures."""
     import triton
     from triton.backends.compiler import GPUTarget
+    target, options = GPUTarget("cuda", arch, 32), {"num_warps": num_warps, "num_stages": num_stages}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.ttir")
         with open(path, "w") as f:
             f.write(ttir)
-        compiled = triton.compile(path, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": num_warps, "num_stages": num_stages})
+        optimized = _make_ttir(path, target, options)
+        with open(path, "w") as f:
+            f.write(optimized)
+        compiled = triton.compile(path, target=target, options=options)
         ptx, cubin = os.path.join(tmp, "kernel.ptx"), os.path.join(tmp, "kernel.cubin")
         with open(ptx, "w") as f:
             f.write(compiled.asm["ptx"])

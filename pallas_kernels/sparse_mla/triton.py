@@ -33,14 +33,16 @@ HBM-bound now, so expect little from it. Not yet timed on a GPU; the benchmark t
 
 Value split (`v_split=N`, forward only, off by default): N programs per (query, head block), each
 scoring all of q·k but accumulating only 1/N of the value columns. Why: the default 32-head tile
-runs its matmuls on mma.sync, since Hopper's wgmma needs 64 rows per warpgroup, and every 64-head
-tile spills (~1.4 KB per thread: a [64, 512] float32 accumulator is 128 registers per thread at
-8 warps before any operand). With v_split=2 a 64-head tile's accumulator is [64, 256], and
-compiled offline for sm_90a (`experiments/triton_static.py`) 64:32:8:2 and 64:16:8:3 use wgmma
-without spills (176 / 124 KiB of shared memory). The price: the QK matmul is done twice, so
-per (head, row) 2·576 + 512 = 1664 multiply-add dims instead of 1088 (+53 %), and each row is
-gathered by twice the programs (from L2 for the second, launched next to the first). It pays
-only if wgmma runs over 1.53x faster than mma.sync here; not yet timed on a GPU.
+runs its matmuls on mma.sync, since Hopper's wgmma needs 64 rows per warpgroup, and a 64-head
+tile's [64, 512] float32 accumulator is 128 registers per thread at 8 warps before any operand.
+Compiled offline for sm_90a through XLA's TTIR passes (`experiments/triton_static.py`), 64-head
+tiles do use wgmma: without spills at block_k = 16 (64:16:8:2, 64:16:8:3, 255 registers), with
+130-300 B of spills at block_k = 32 and 64. With v_split=2 the accumulator is [64, 256], and
+64:32:8:2 and 64:16:8:3 compile to wgmma in 196 / 181 registers without spills (176 / 124 KiB of
+shared memory). The price: the QK matmul is done twice, so per (head, row) 2·576 + 512 = 1664
+multiply-add dims instead of 1088 (+53 %), and each row is gathered by twice the programs (from
+L2 for the second, launched next to the first). Against the unsplit block_k = 16 tile it buys a
+quarter of the accumulator rescales per row. The sweep has both; neither is timed on a GPU yet.
 
 Shapes: B batch, T queries, S keys, H heads, V latent/value dim (512), R RoPE dim (64),
 K selected rows per query.
