@@ -5,7 +5,9 @@
 
 sparse_mla forward (V3.2 shapes: H=128 heads, Dqk=576, Dv=512, k=2048, one KV row per token):
   - the Pallas kernel (Triton lowering), each --configs tile config (block_h:block_k:num_warps:num_stages) at --sweep_len, then the
-    best one at every length;
+    best one at every length; per sweep config also the "gathered" GB/s: the bytes its programs load (each head
+    block's program gathers every selected row itself, H/block_h times the unique rows GB/s counts) per second;
+    the 32-head tile's measured 226 TFLOP/s was ~3.7 TB/s of it (60 FLOP/B), a 64-head tile loads half per FLOP;
   - the XLA reference (`pallas_kernels/sparse_mla/reference.py`) up to --max_reference_len;
   - dense causal attention in MHA mode (what V3.1 prefill ran): `jax.nn.dot_product_attention`
     (cuDNN on GPU), q/k 192-d, v 128-d padded to 192 (cuDNN wants equal dims; FLOPs count 128).
@@ -162,6 +164,16 @@ def _sparse_costs(t, idx):
     flops = 2 * t * _TOPK.value * h * (d + v)
     nbytes = int(jnp.sum(idx >= 0)) * d * 2 + t * h * (d + v) * 2
     return flops, nbytes
+
+
+def _gathered_bytes(cfg, idx):
+    """Bytes the forward's programs load for a --configs entry: each head block's program gathers every used row
+    itself (from L2 or HBM), so H/block_h times the unique rows _sparse_costs counts; with v_split=N each of the N
+    programs gathers the whole row to score it, plus its 1/N of the value columns."""
+    tiles, h, d, v = fwd_tiles(cfg), _HEADS.value, _V_DIM.value + _ROPE_DIM.value, _V_DIM.value
+    split = tiles.get("v_split", 1)
+    per_row = split * d * 2 + (v * 2 if split > 1 else 0)
+    return int(jnp.sum(idx >= 0)) * -(-h // tiles["block_h"]) * per_row
 
 
 def _row(name, t, seconds, flops, nbytes, peak_tflops=None):
@@ -540,7 +552,7 @@ def _sparse_mla_forward(scale, v):
     rows = []
     q, kv, idx = _inputs(_SWEEP_LEN.value, jax.random.PRNGKey(1))
     flops, nbytes = _sparse_costs(_SWEEP_LEN.value, idx)
-    sweep = {}
+    sweep, gathered = {}, {}
     for cfg in configs:
         try:
             sweep[cfg] = _time(kernel_fn(cfg), q, kv, idx)
@@ -548,6 +560,9 @@ def _sparse_mla_forward(scale, v):
             print(f"config {cfg}: failed ({type(e).__name__}: {str(e)[:120]})")
             continue
         rows.append(_row(f"sparse_mla pallas [{cfg}]", _SWEEP_LEN.value, sweep[cfg], flops, nbytes))
+        rows[-1]["gathered_gbs"] = gathered[cfg] = round(_gathered_bytes(cfg, idx) / sweep[cfg] / 1e9)
+    # Tiles whose FLOP rates differ but whose gathered rates agree are bound by the gathers (L2 -> SM), not the math.
+    print("sparse_mla gathered GB/s per config (the rows every head-block program loads):", gathered, flush=True)
     best = min(sweep, key=sweep.get)
     kernel, query_major = kernel_fn(best), kernel_fn(best, head_major=False)
     reference = jax.jit(lambda q, kv, idx: sparse_mla_reference(q, kv, idx, scale=scale, v_dim=v))
