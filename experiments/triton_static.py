@@ -21,7 +21,9 @@ bytes. Per config the table gives:
     barriers (MEMBAR), counted in the SASS (the package's cuobjdump): an acquire-release atomic
     brings a MEMBAR and an L1 invalidation with it (`pallas_kernels/triton_lowering.py`);
   - shfl / sass: warp shuffles and all instructions in the SASS (static counts, not executed ones:
-    a loop body counts once), e.g. the indexer's head sum across lanes vs within threads.
+    a loop body counts once), e.g. the indexer's head sum across lanes vs within threads;
+  - loop_lmem: spill loads and stores (LDL/STL) inside a loop body (between a backward branch and
+    its target), the spills that cost every iteration; spills outside loops cost once per program.
 A config Triton or ptxas rejects is listed with its error. Caveat: XLA compiles Pallas kernels
 with its own bundled Triton, not this package's, so the figures are indicative (a config that
 spills here likely spills there), not measurements; timings need `bench_kernels` on a GPU.
@@ -147,11 +149,19 @@ def compile_stats(ttir: str, num_warps: int, num_stages: int, arch: int) -> dict
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
     regs, smem = int(re.search(r"Used (\d+) registers", report).group(1)), compiled.metadata.shared
     per_sm = min(65536 // (-(-regs // 8) * 8 * 32 * num_warps), 228 * 1024 // (smem + 1024), 64 // num_warps)
-    opcodes = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass, re.MULTILINE)
+    instrs = [(int(address, 16), opcode, rest) for address, opcode, rest in re.findall(
+        r"^\s+/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(.*)$", sass, re.MULTILINE)]
+    opcodes = [opcode for _, opcode, _ in instrs]
+    # A loop body: from a backward branch's target to the branch.
+    loops = [(int(target, 16), address) for address, opcode, rest in instrs if opcode == "BRA"
+             for target in re.findall(r"^\s+(0x[0-9a-f]+)", rest) if int(target, 16) < address]
+    loop_lmem = sum(opcode in ("LDL", "STL") and any(lo <= address <= hi for lo, hi in loops)
+                    for address, opcode, _ in instrs)
     return {"regs": regs, "spill": sum(spills), "smem_kib": smem / 1024, "per_sm": per_sm,
             "wgmma": ttgir.count("ttng.warp_group_dot"), "mma": len(re.findall(r"= tt\.dot ", ttgir)),
             "cvt": ttgir.count("ttg.convert_layout"), "atom": opcodes.count("ATOMG"), "red": opcodes.count("REDG"),
-            "membar": opcodes.count("MEMBAR"), "shfl": opcodes.count("SHFL"), "sass": len(opcodes)}
+            "membar": opcodes.count("MEMBAR"), "shfl": opcodes.count("SHFL"), "sass": len(opcodes),
+            "loop_lmem": loop_lmem}
 
 
 def _cases():
@@ -191,7 +201,8 @@ def main(argv):
     except ImportError:
         raise SystemExit("experiments.triton_static needs the triton package: pip install triton") from None
     print(f"{'kernel':16s} {'config':18s} {'call':>4s} {'regs':>5s} {'spill':>6s} {'smem_kib':>8s} {'per_sm':>6s} "
-          f"{'wgmma':>5s} {'mma':>4s} {'cvt':>4s} {'atom':>4s} {'red':>4s} {'membar':>6s} {'shfl':>5s} {'sass':>6s}")
+          f"{'wgmma':>5s} {'mma':>4s} {'cvt':>4s} {'atom':>4s} {'red':>4s} {'membar':>6s} {'shfl':>5s} {'sass':>6s} "
+          f"{'loop_lmem':>9s}")
     rows = []
     for kernel, cfg, fn, args in _cases():
         if kernel not in _KERNELS.value:
@@ -203,7 +214,7 @@ def main(argv):
                 print(f"{kernel:16s} {cfg:18s} {call:>4d} {row['regs']:>5d} {row['spill']:>6d} "
                       f"{row['smem_kib']:>8.1f} {row['per_sm']:>6d} {row['wgmma']:>5d} {row['mma']:>4d} "
                       f"{row['cvt']:>4d} {row['atom']:>4d} {row['red']:>4d} {row['membar']:>6d} {row['shfl']:>5d} "
-                      f"{row['sass']:>6d}", flush=True)
+                      f"{row['sass']:>6d} {row['loop_lmem']:>9d}", flush=True)
             except Exception as e:  # a config Triton or ptxas rejects (shared memory, registers)
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 print(f"{kernel:16s} {cfg:18s} {call:>4d} failed: {row['error'][:200]}", flush=True)

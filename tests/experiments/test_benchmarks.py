@@ -95,6 +95,9 @@ def test_triton_static_compiles_every_kernel_offline(tmp_path):
     # first kernel, dq, adds nothing).
     bwd = [r for r in rows if r["kernel"] == "sparse_mla_bwd" and not (r["config"].endswith("split") and r["call"] == 0)]
     assert bwd and all(r["red"] > 0 and r["atom"] == 0 and r["membar"] == 0 for r in bwd), bwd
+    # The decode attention's default tile (64 heads) runs on wgmma without spills, none in its loop.
+    [decode] = [r for r in rows if r["kernel"] == "decode_mla"]
+    assert decode["wgmma"] > 0 and decode["spill"] == decode["loop_lmem"] == 0, decode
 
 
 def test_triton_static_runs_the_ttir_passes_xla_runs(tmp_path):
