@@ -23,8 +23,12 @@ TPU-specific choices (why):
   w has a trailing unit dim so the head weights broadcast along lanes, not across them.
 - The [block_t, H, D] -> [block_t·H, D] reshape merges whole (8, 128) tiles when H is a
   multiple of 8 (16 for bf16); V3.2's H = 64 is.
+- FP8 (e4m3) q and k are widened to bf16 in VMEM, after the DMA (exact: every e4m3 value is a
+  bf16), as the decode kernel does: TPU v4's Mosaic rejects an fp8 matmul outright, and no TPU
+  before v7 has an fp8 MXU path (v5e/v5p/v6e compile one, converting it themselves).
 
-Not measured on a TPU (none here); run under `pltpu.InterpretParams` in the tests. Whether the
+Not measured on a TPU (none here); run under `pltpu.InterpretParams` in the tests and compiled for
+TPU v4, v5e, v5p and v6e by `experiments/tpu_aot.py` (libtpu, no TPU needed). Whether the
 radix select beats TPU's `lax.top_k` on these [chunk, topk + key_block] merges is unmeasured.
 
 Shapes: B batch, T queries, S keys, H heads, D head dim, K = topk.
@@ -57,8 +61,10 @@ def _scores_kernel(meta_ref, klen_ref, q_ref, w_ref, k_ref, ks_ref, o_ref, *, q_
 
     @pl.when(visible)
     def _():
-        logits = jax.lax.dot_general(q_ref[...].reshape(block_t * heads, dim), k_ref[...],
-                                     (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        q, k = q_ref[...].reshape(block_t * heads, dim), k_ref[...]
+        if k.dtype == jnp.float8_e4m3fn:  # widened in VMEM (exact): Mosaic rejects an fp8 matmul on TPU v4
+            q, k = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+        logits = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         logits = jnp.maximum(logits, 0.0).reshape(block_t, heads, block_s)
         scores = jnp.sum(logits * w_ref[...], axis=1) * ks_ref[...]  # [block_t, block_s]
         pos = first_pos + jax.lax.broadcasted_iota(jnp.int32, (block_t, block_s), 0)

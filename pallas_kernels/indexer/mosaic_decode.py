@@ -27,9 +27,9 @@ TPU-specific choices (why):
   the head weights along lanes); keys [block_s, D], scores [T, block_s] (block_s a multiple of
   128).
 
-Not measured on a TPU (none here); run under `pltpu.InterpretParams` in the tests, and lowered
-for TPU by `jax.export` (Pallas's checks only: whether Mosaic compiles the in-VMEM e4m3 -> bf16
-widening on a given TPU generation is unverified).
+Not measured on a TPU (none here); run under `pltpu.InterpretParams` in the tests, lowered for
+TPU by `jax.export` (Pallas's checks), and compiled, bf16 and fp8 (the in-VMEM e4m3 -> bf16
+widening included), for TPU v4, v5e, v5p and v6e by `experiments/tpu_aot.py` (libtpu's compiler).
 
 Shapes: L layers, B batch, T queries, S cache length, H heads, D head dim, K = topk.
 """

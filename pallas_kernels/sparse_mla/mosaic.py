@@ -41,7 +41,8 @@ TPU-specific layout choices (why):
   multiple of 128 so the [1, block_k] mask slices start on lane-tile boundaries; K <= block_k
   makes one block of K rows rounded up to 8 (no padded rows to loop over).
 
-Expected TPU bottleneck (not measured: no TPU here): the scalar core issues one DMA per selected
+Compiled for TPU v4, v5e, v5p and v6e by `experiments/tpu_aot.py` (libtpu's compiler on a CPU
+machine). Expected TPU bottleneck (not measured: no TPU here): the scalar core issues one DMA per selected
 row (three in the backward: KV, dkv in, dkv out), while the MXU work per row is only
 2·H·(Dqk+V) FLOP (~0.3 ns at H=128 on a v6e); per-row descriptor issue, not the MXU or HBM, is
 likely to set the speed. Queries do not prefetch the next query's first block.
@@ -78,12 +79,21 @@ def _pack_rows(kv, v_dim):
     return jax.lax.bitcast_convert_type(bits(lo) | (bits(hi) << 16), jnp.int32)
 
 
+def low_bf16(words):
+    """int32 words -> the bf16 values in their low 16 bits (a bf16 is the top 16 bits of the same float32)."""
+    return jax.lax.bitcast_convert_type(words << 16, jnp.float32).astype(jnp.bfloat16)
+
+
+def high_bf16(words):
+    """int32 words -> the bf16 values in their high 16 bits."""
+    return jax.lax.bitcast_convert_type(words & _HIGH_HALF, jnp.float32).astype(jnp.bfloat16)
+
+
 def _split_rows(rows, v_dim):
     """Gathered rows -> (latent[:V/2], latent[V/2:], rope), each [block_k, ·], in the KV dtype."""
     half = v_dim // 2
-    if rows.dtype == jnp.int32:  # packed bf16 pairs; a bf16 is the top 16 bits of the same float32
-        lo = jax.lax.bitcast_convert_type(rows << 16, jnp.float32).astype(jnp.bfloat16)
-        hi = jax.lax.bitcast_convert_type(rows & _HIGH_HALF, jnp.float32).astype(jnp.bfloat16)
+    if rows.dtype == jnp.int32:  # packed bf16 pairs
+        lo, hi = low_bf16(rows), high_bf16(rows)
         return lo[:, :half], hi[:, :half], lo[:, half:]
     return rows[:, :half], rows[:, half:v_dim], rows[:, v_dim:]
 
@@ -112,10 +122,9 @@ def _row_copies(idx_smem, block, block_k, copy, method):
     jax.lax.fori_loop(0, block_k, row, 0)
 
 
-def _gather(src, buf, sem, slot, rows=1):
-    """Descriptor factory: HBM rows i .. i + rows - 1 of src -> rows r·rows .. r·rows + rows - 1 of buf[slot]."""
-    return lambda i, r: pltpu.make_async_copy(src.at[pl.ds(i, rows)], buf.at[slot, pl.ds(r * rows, rows)],
-                                              sem.at[slot])
+def _gather(src, buf, sem, slot):
+    """Descriptor factory: HBM row i of src -> row r of buf[slot]."""
+    return lambda i, r: pltpu.make_async_copy(src.at[pl.ds(i, 1)], buf.at[slot, pl.ds(r, 1)], sem.at[slot])
 
 
 def _scatter(buf, dst, sem, slot):
