@@ -18,7 +18,7 @@ one kernel instead, `topk_kernel=True`, `pallas_kernels/topk_triton.py`); the de
 (`indexer_topk_decode`: few queries, a per-query key limit, one layer read in place from the
 stacked cache [L, B, S, D], `pallas_kernels/indexer/{triton,mosaic}_decode.py`). FP8 (e4m3)
 indexer inputs: the Triton kernels multiply them natively (fp32 accumulation); the Mosaic ones
-widen them to bf16 (exact: every e4m3 value is a bf16), the decode one in VMEM after the DMA.
+widen them to bf16 in VMEM after the DMA (exact: every e4m3 value is a bf16; no fp8 matmul on TPU v4).
 Decode attention (`sparse_mla_decode`: the selected rows of one layer read in place from the
 stacked cache [L, B, S, D], `pallas_kernels/sparse_mla/{triton,mosaic}_decode.py`): inference only.
 """
@@ -95,8 +95,6 @@ def indexer_topk(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, impl="a
     # Indices carry no gradient; stopping it here keeps autodiff out of the kernel.
     q, k, w = jax.lax.stop_gradient((q, k, w))
     if kernel is not None:
-        if kernel == "mosaic" and q.dtype == jnp.float8_e4m3fn:  # no fp8 MXU path before TPU v7
-            q, k = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
         topk_fn = indexer_mosaic.indexer_topk_mosaic if kernel == "mosaic" else indexer_triton.indexer_topk_triton
         return _without_gradient(functools.partial(topk_fn, topk=topk, q_offset=q_offset, interpret=interpret),
                                  q, k, w, k_scale=k_scale, k_len=k_len)
