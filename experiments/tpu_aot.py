@@ -11,21 +11,30 @@ block shape off the (8, 128) tiling) fails here as it would on the TPU, which `j
 only, what the unit tests run) cannot show. Each kernel runs at V3.2 shapes (H = 128, Dqk = 576,
 Dv = 512, k = 2048; indexer 64 heads x 128; decode B = 16 sequences per chip, a 128K cache of 2
 layers, 5.4 GB) at its default tiles.
-Per kernel and generation the table gives whether it compiled, the seconds it took, and the
-compiled program's code bytes; a failure is listed with Mosaic's message. Compiling says nothing of
+`--model=tiny` (any preset) adds the model's jitted steps, its attention on the Mosaic kernels:
+prefill, decode_step and the sparse-stage train step. Per kernel (or step) and generation the
+table gives whether it compiled, the seconds it took, the compiled program's code bytes and how
+many Mosaic calls it holds; a failure is listed with Mosaic's message. Compiling says nothing of
 speed: timings need a TPU.
 """
 
+import contextlib
 import functools
 import json
 import time
 
 import jax
 import jax.numpy as jnp
+import optax
 from absl import app, flags
 from jax.experimental import topologies
 from jax.experimental.layout import Format, Layout
 
+from deepseek_jax.cache import init_cache
+from deepseek_jax.config import ModelConfig
+from deepseek_jax.generate import decode_step, prefill
+from deepseek_jax.model import Transformer
+from deepseek_jax.training.train_step import LossConfig, train_step
 from pallas_kernels.indexer.mosaic import indexer_topk_mosaic
 from pallas_kernels.indexer.mosaic_decode import indexer_topk_decode_mosaic
 from pallas_kernels.sparse_mla import mosaic as sparse_mla_mosaic
@@ -36,6 +45,9 @@ _KERNEL_NAMES = ("sparse_mla_fwd", "sparse_mla_bwd", "indexer", "indexer_fp8", "
 _KERNELS = flags.DEFINE_list("kernels", list(_KERNEL_NAMES), f"kernels to compile: {_KERNEL_NAMES}")
 _TOPOLOGIES = flags.DEFINE_list("topologies", ["v5e:2x2", "v5p:2x2x1", "v6e:2x2", "v4:2x2x1"],
                                 "TPU slices to compile for (jax.experimental.topologies names)")
+_MODEL = flags.DEFINE_string("model", "", "also compile this model preset's steps (e.g. tiny, small), its "
+                             "attention on the Mosaic kernels")
+_MODEL_STEPS = flags.DEFINE_list("model_steps", ["prefill", "decode_step", "train_sparse"], "the --model steps")
 _AOT_OUT = flags.DEFINE_string("aot_out", "tpu_aot.json", "JSON output path")
 
 BF16, F32, I32, FP8 = jnp.bfloat16, jnp.float32, jnp.int32, jnp.float8_e4m3fn
@@ -46,36 +58,75 @@ B, SC, L = 16, 131072, 2            # decode batch (B = 64 over 4 chips), cache 
 
 
 def _cases():
-    """(kernel, fn, [(shape, dtype)]) of every Mosaic kernel at V3.2 shapes and default tiles."""
-    q, kv, idx = ((1, T, H, DQK), BF16), ((1, S, DQK), BF16), ((1, T, K), I32)
-    out, lse = ((1, T, H, V), BF16), ((1, T, H), F32)
+    """(kernel, fn, abstract args) of every Mosaic kernel at V3.2 shapes and default tiles."""
+    sd = jax.ShapeDtypeStruct
+    q, kv, idx = sd((1, T, H, DQK), BF16), sd((1, S, DQK), BF16), sd((1, T, K), I32)
+    out, lse = sd((1, T, H, V), BF16), sd((1, T, H), F32)
     scale = DQK**-0.5
-    yield "sparse_mla_fwd", functools.partial(sparse_mla_mosaic.sparse_mla_fwd, scale=scale, v_dim=V), [q, kv, idx]
+    yield "sparse_mla_fwd", functools.partial(sparse_mla_mosaic.sparse_mla_fwd, scale=scale, v_dim=V), (q, kv, idx)
     yield ("sparse_mla_bwd", functools.partial(sparse_mla_mosaic.sparse_mla_bwd, scale=scale, v_dim=V),
-           [q, kv, idx, out, lse, out])
+           (q, kv, idx, out, lse, out))
     for name, dtype in (("indexer", BF16), ("indexer_fp8", FP8)):
         fn = lambda q, k, w, ks: indexer_topk_mosaic(q, k, w, topk=K, k_scale=ks)
-        yield name, fn, [((1, S, HI, DI), dtype), ((1, S, DI), dtype), ((1, S, HI), F32), ((1, S), F32)]
+        yield name, fn, (sd((1, S, HI, DI), dtype), sd((1, S, DI), dtype), sd((1, S, HI), F32), sd((1, S), F32))
     for name, dtype in (("decode_indexer", BF16), ("decode_indexer_fp8", FP8)):
         fn = lambda q, k, w, layer, k_len, ks: indexer_topk_decode_mosaic(q, k, w, layer, k_len, topk=K, k_scale=ks)
-        yield name, fn, [((B, 1, HI, DI), dtype), ((L, B, SC, DI), dtype), ((B, 1, HI), F32), ((), I32),
-                         ((B, 1), I32), ((L, B, SC), F32)]
+        yield name, fn, (sd((B, 1, HI, DI), dtype), sd((L, B, SC, DI), dtype), sd((B, 1, HI), F32), sd((), I32),
+                         sd((B, 1), I32), sd((L, B, SC), F32))
     yield ("decode_mla", functools.partial(sparse_mla_decode_mosaic, scale=scale, v_dim=V),
-           [((B, 1, H, DQK), BF16), ((L, B, SC, DQK), BF16), ((), I32), ((B, 1, K), I32)])
+           (sd((B, 1, H, DQK), BF16), sd((L, B, SC, DQK), BF16), sd((), I32), sd((B, 1, K), I32)))
 
 
-def compile_for(fn, shapes, device) -> dict:
-    """AOT-compiles fn for `device` (a TPU topology's device) at abstract args: {seconds, code_bytes}.
+def _model_cases(preset):
+    """(step, fn, abstract args) of a model preset's jitted steps, its attention on the Pallas kernels: prefill and
+    decode_step (batch 2, a 512-row cache, a 256-token prompt) and the sparse-stage train step (2 x 256 tokens)."""
+    cfg = ModelConfig.preset(preset, attention_impl="pallas")
+    tokens = jnp.zeros((2, 256), jnp.int32)
+    tx = optax.adamw(1e-3)
+
+    def init():
+        params = Transformer(cfg).init(jax.random.PRNGKey(0), tokens[:, :8])["params"]
+        return {"params": params, "opt_state": tx.init(params)}
+
+    state = jax.eval_shape(init)
+    cache = jax.eval_shape(lambda: init_cache(cfg, 2, 512))
+    lengths = jax.ShapeDtypeStruct((2,), I32)
+    batch = {key: jax.ShapeDtypeStruct((1, 2, 256), F32 if key == "mask" else I32)
+             for key in ("inputs", "targets", "mask")}
+    yield ("prefill", lambda p, t, n, c: prefill.__wrapped__(p, cfg, t, n, c),
+           (state["params"], jax.ShapeDtypeStruct(tokens.shape, I32), lengths, cache))
+    yield "decode_step", lambda p, c, t: decode_step.__wrapped__(p, cfg, c, t), (state["params"], cache, lengths)
+    yield ("train_sparse", lambda st, b: train_step(st, b, cfg=cfg, lc=LossConfig(dsa_stage="sparse"), tx=tx),
+           (state, batch))
+
+
+@contextlib.contextmanager
+def _kernels_dispatch_to_mosaic():
+    """The model's kernels dispatch on jax.default_backend() (`pallas_kernels/ops.py`); tracing for a TPU from a
+    CPU process, it reports "tpu" so they take the Mosaic kernels."""
+    default_backend = jax.default_backend
+    jax.default_backend = lambda: "tpu"
+    try:
+        yield
+    finally:
+        jax.default_backend = default_backend
+
+
+def compile_for(fn, args, device) -> dict:
+    """AOT-compiles fn for `device` (a TPU topology's device) at abstract args (a pytree of ShapeDtypeStruct):
+    {seconds, code_bytes, kernels (Mosaic calls in the compiled program)}.
 
     The args get the default row-major layouts arrays on a TPU have: left free, the compiler picks
     other entry layouts and copies each arg into the kernel's (a 20 GB copy of a decode cache)."""
     sharding = jax.sharding.SingleDeviceSharding(device)
-    args = [jax.ShapeDtypeStruct(shape, dtype, sharding=Format(Layout(tuple(range(len(shape)))), sharding))
-            for shape, dtype in shapes]
+    args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=Format(
+        Layout(tuple(range(x.ndim))), sharding)), args)
     start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
+    with _kernels_dispatch_to_mosaic():
+        compiled = jax.jit(fn).lower(*args).compile()
     return {"seconds": time.perf_counter() - start,
-            "code_bytes": compiled.memory_analysis().generated_code_size_in_bytes}
+            "code_bytes": compiled.memory_analysis().generated_code_size_in_bytes,
+            "kernels": compiled.as_text().count('custom_call_target="tpu_custom_call"')}
 
 
 def main(argv):
@@ -86,18 +137,21 @@ def main(argv):
         import libtpu  # noqa: F401
     except ImportError:
         raise SystemExit('experiments.tpu_aot needs libtpu: pip install "jax[tpu]"') from None
-    print(f"{'kernel':20s} {'topology':10s} {'device':12s} {'ok':>3s} {'seconds':>8s} {'code_kib':>9s}")
+    print(f"{'kernel':20s} {'topology':10s} {'device':12s} {'ok':>3s} {'seconds':>8s} {'code_kib':>9s} "
+          f"{'kernels':>7s}")
+    cases = [(kernel, fn, args) for kernel, fn, args in _cases() if kernel in _KERNELS.value]
+    if _MODEL.value:
+        cases += [(f"{_MODEL.value}/{step}", fn, args) for step, fn, args in _model_cases(_MODEL.value)
+                  if step in _MODEL_STEPS.value]
     rows = []
     for topology in _TOPOLOGIES.value:
         device = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices[0]
-        for kernel, fn, shapes in _cases():
-            if kernel not in _KERNELS.value:
-                continue
+        for kernel, fn, args in cases:
             row = {"kernel": kernel, "topology": topology, "device": device.device_kind}
             try:
-                row |= compile_for(fn, shapes, device)
+                row |= compile_for(fn, args, device)
                 print(f"{kernel:20s} {topology:10s} {device.device_kind:12s} {'yes':>3s} {row['seconds']:>8.1f} "
-                      f"{row['code_bytes'] / 1024:>9.0f}", flush=True)
+                      f"{row['code_bytes'] / 1024:>9.0f} {row['kernels']:>7d}", flush=True)
             except Exception as e:  # Mosaic or XLA rejected the kernel: the message says why
                 row["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
                 print(f"{kernel:20s} {topology:10s} {device.device_kind:12s} {'no':>3s} {row['error'][:300]}",

@@ -126,13 +126,17 @@ def test_triton_static_runs_the_ttir_passes_xla_runs(tmp_path):
 def test_tpu_aot_compiles_the_mosaic_kernels_for_a_tpu(tmp_path):
     """experiments.tpu_aot compiles Mosaic kernels with libtpu's compiler for a TPU v4 on this CPU machine (no TPU):
     among them the bf16 decode attention (its 2-row bf16 DMAs at even offsets failed Mosaic's tile-alignment check
-    before it read the cache as 32-bit words) and the fp8 prefill indexer (v4's Mosaic rejects fp8 matmuls)."""
+    before it read the cache as 32-bit words) and the fp8 prefill indexer (v4's Mosaic rejects fp8 matmuls); and
+    the tiny model's decode step, its indexer and attention on the Mosaic kernels."""
     out = tmp_path / "aot.json"
     kernels = ["sparse_mla_fwd", "sparse_mla_bwd", "indexer_fp8", "decode_mla"]
     proc = subprocess.run([sys.executable, "-m", "experiments.tpu_aot", f"--aot_out={out}", "--topologies=v4:2x2x1",
-                           f"--kernels={','.join(kernels)}"], check=False, cwd=ROOT,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=600)
+                           f"--kernels={','.join(kernels)}", "--model=tiny", "--model_steps=decode_step"],
+                          check=False, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["kernel"], r["device"]) for r in rows] == [(k, "TPU v4") for k in kernels]
-    assert all("error" not in r and r["code_bytes"] > 0 for r in rows), rows
+    assert [(r["kernel"], r["device"]) for r in rows] == [(k, "TPU v4") for k in kernels + ["tiny/decode_step"]]
+    assert all("error" not in r and r["code_bytes"] > 0 and r["kernels"] >= 1 for r in rows), rows
+    # Every layer's decode indexer and attention (the tiny preset scans its layers: one call of each per body).
+    assert rows[-1]["kernels"] >= 2, rows[-1]
