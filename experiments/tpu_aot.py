@@ -35,6 +35,7 @@ from deepseek_jax.config import ModelConfig
 from deepseek_jax.generate import decode_step, prefill
 from deepseek_jax.model import Transformer
 from deepseek_jax.training.train_step import LossConfig, train_step
+from experiments.tool_checks import check_kernels_and_package
 from pallas_kernels.indexer.mosaic import indexer_topk_mosaic
 from pallas_kernels.indexer.mosaic_decode import indexer_topk_decode_mosaic
 from pallas_kernels.sparse_mla import mosaic as sparse_mla_mosaic
@@ -131,12 +132,7 @@ def compile_for(fn, args, device) -> dict:
 
 def main(argv):
     del argv
-    if not set(_KERNELS.value) <= set(_KERNEL_NAMES):
-        raise SystemExit(f"--kernels: expected a subset of {_KERNEL_NAMES}, got {_KERNELS.value}")
-    try:
-        import libtpu  # noqa: F401
-    except ImportError:
-        raise SystemExit('experiments.tpu_aot needs libtpu: pip install "jax[tpu]"') from None
+    check_kernels_and_package("tpu_aot", _KERNELS.value, _KERNEL_NAMES, "libtpu", 'pip install "jax[tpu]"')
     print(f"{'kernel':20s} {'topology':10s} {'device':12s} {'ok':>3s} {'seconds':>8s} {'code_kib':>9s} "
           f"{'kernels':>7s}")
     cases = [(kernel, fn, args) for kernel, fn, args in _cases() if kernel in _KERNELS.value]

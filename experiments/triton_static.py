@@ -45,6 +45,7 @@ from jax._src.pallas.triton import (
 )
 
 from experiments import bench_kernels as bench
+from experiments.tool_checks import check_kernels_and_package
 from pallas_kernels.indexer.triton import indexer_scores_triton
 from pallas_kernels.indexer.triton_decode import indexer_scores_decode_triton
 from pallas_kernels.sparse_mla.triton import sparse_mla_bwd, sparse_mla_fwd
@@ -194,12 +195,7 @@ def _cases():
 
 def main(argv):
     del argv
-    if not set(_KERNELS.value) <= set(_KERNEL_NAMES):
-        raise SystemExit(f"--kernels: expected a subset of {_KERNEL_NAMES}, got {_KERNELS.value}")
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        raise SystemExit("experiments.triton_static needs the triton package: pip install triton") from None
+    check_kernels_and_package("triton_static", _KERNELS.value, _KERNEL_NAMES, "triton", "pip install triton")
     print(f"{'kernel':16s} {'config':18s} {'call':>4s} {'regs':>5s} {'spill':>6s} {'smem_kib':>8s} {'per_sm':>6s} "
           f"{'wgmma':>5s} {'mma':>4s} {'cvt':>4s} {'atom':>4s} {'red':>4s} {'membar':>6s} {'shfl':>5s} {'sass':>6s} "
           f"{'loop_lmem':>9s}")
