@@ -127,7 +127,9 @@ def test_tpu_aot_compiles_the_mosaic_kernels_for_a_tpu(tmp_path):
     """experiments.tpu_aot compiles Mosaic kernels with libtpu's compiler for a TPU v4 on this CPU machine (no TPU):
     among them the bf16 decode attention (its 2-row bf16 DMAs at even offsets failed Mosaic's tile-alignment check
     before it read the cache as 32-bit words) and the fp8 prefill indexer (v4's Mosaic rejects fp8 matmuls); and
-    the tiny model's decode step, its indexer and attention on the Mosaic kernels."""
+    the tiny model's decode step, its indexer and attention on the Mosaic kernels. libtpu (the test extra's jax[tpu])
+    has wheels for Linux x86-64 only."""
+    pytest.importorskip("libtpu")
     out = tmp_path / "aot.json"
     kernels = ["sparse_mla_fwd", "sparse_mla_bwd", "indexer_fp8", "decode_mla"]
     proc = subprocess.run([sys.executable, "-m", "experiments.tpu_aot", f"--aot_out={out}", "--topologies=v4:2x2x1",
