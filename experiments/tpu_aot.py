@@ -82,21 +82,20 @@ def _model_cases(preset):
     """(step, fn, abstract args) of a model preset's jitted steps, its attention on the Pallas kernels: prefill and
     decode_step (batch 2, a 512-row cache, a 256-token prompt) and the sparse-stage train step (2 x 256 tokens)."""
     cfg = ModelConfig.preset(preset, attention_impl="pallas")
-    tokens = jnp.zeros((2, 256), jnp.int32)
     tx = optax.adamw(1e-3)
 
     def init():
-        params = Transformer(cfg).init(jax.random.PRNGKey(0), tokens[:, :8])["params"]
+        params = Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((2, 8), jnp.int32))["params"]
         return {"params": params, "opt_state": tx.init(params)}
 
     state = jax.eval_shape(init)
     cache = jax.eval_shape(lambda: init_cache(cfg, 2, 512))
-    lengths = jax.ShapeDtypeStruct((2,), I32)
+    tokens = jax.ShapeDtypeStruct((2, 256), I32)
+    per_sequence = jax.ShapeDtypeStruct((2,), I32)  # prefill's prompt lengths, decode_step's next tokens
     batch = {key: jax.ShapeDtypeStruct((1, 2, 256), F32 if key == "mask" else I32)
              for key in ("inputs", "targets", "mask")}
-    yield ("prefill", lambda p, t, n, c: prefill.__wrapped__(p, cfg, t, n, c),
-           (state["params"], jax.ShapeDtypeStruct(tokens.shape, I32), lengths, cache))
-    yield "decode_step", lambda p, c, t: decode_step.__wrapped__(p, cfg, c, t), (state["params"], cache, lengths)
+    yield "prefill", lambda p, t, n, c: prefill(p, cfg, t, n, c), (state["params"], tokens, per_sequence, cache)
+    yield "decode_step", lambda p, c, t: decode_step(p, cfg, c, t), (state["params"], cache, per_sequence)
     yield ("train_sparse", lambda st, b: train_step(st, b, cfg=cfg, lc=LossConfig(dsa_stage="sparse"), tx=tx),
            (state, batch))
 

@@ -5,8 +5,8 @@
    only where the tensor core may sum at least 32 products in its own reduced-precision
    accumulator before each float32 promotion, and falls back to mma.sync on operands upcast to
    f16: FP8 inputs halve the bytes read but never reach the FP8 tensor-core rate (the indexer
-   scores kernel at 4:64:8:2 on fp8 q and k: f16 mma.sync at 194 registers as Pallas lowers it,
-   fp8 wgmma at 139 with the attribute). `use_fp8_wgmma(name)` gives that kernel's fp8 dots
+   scores kernel at 4:64:8:2 on fp8 q and k: f16 mma.sync at 154 registers as Pallas lowers it,
+   fp8 wgmma at 112 with the attribute). `use_fp8_wgmma(name)` gives that kernel's fp8 dots
    maxNumImpreciseAcc = 128: up to 128 products per promotion, DeepGEMM's interval for its FP8
    GEMMs and the indexer's whole contraction (D = 128).
 2. Relaxed atomic adds. Pallas lowers every atomic to `tt.atomic_rmw` with acquire-release

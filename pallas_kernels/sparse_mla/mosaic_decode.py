@@ -65,8 +65,8 @@ from pallas_kernels.sparse_mla.mosaic import (
 
 def _decode_kernel(layer_ref, starts_smem, slots_vmem, q_ref, kv_hbm, o_ref, kv_buf, kv_sem, acc_ref, *, scale,
                    v_dim, block_k, group, bitcast):
-    words = kv_hbm.bitcast(jnp.int32) if bitcast else kv_hbm  # bf16 [L, B, S, D] in place as int32 [L, B, S / 2, D]
-    kv_rows = words.at[layer_ref[0], pl.program_id(0)]
+    cache = kv_hbm.bitcast(jnp.int32) if bitcast else kv_hbm  # bf16 [L, B, S, D] in place as int32 [L, B, S / 2, D]
+    kv_rows = cache.at[layer_ref[0], pl.program_id(0)]
     copies = lambda j, slot, method: _row_copies(starts_smem, j, block_k, _gather(kv_rows, kv_buf, kv_sem, slot),
                                                  method)
     kv_buf[...] = jnp.zeros(kv_buf.shape, kv_buf.dtype)  # slots no DMA fills hold zeros, never NaN
@@ -116,12 +116,12 @@ def sparse_mla_decode_mosaic(q, kv_cache, layer, indices, *, scale, v_dim=512, b
     block_k = _block_k(block_k, indices.shape[-1])
     kp = -(-indices.shape[-1] // block_k) * block_k
     starts, slots = _slots(indices, kp, block_k, group)
-    # Interpret mode (jax 0.10.2) cannot DMA from a bitcast ref: there XLA bitcasts the cache first (a copy of it,
-    # the same words).
-    bitcast = group > 1 and not interpret
-    words = pltpu.bitcast(kv_cache, jnp.int32) if group > 1 and interpret else kv_cache
+    # bf16: the kernel reads the cache in place as int32 words. Interpret mode (jax 0.10.2) cannot DMA from a
+    # bitcast ref: there XLA bitcasts the cache first (a copy of it, the same words).
+    in_xla = group > 1 and interpret
+    cache = pltpu.bitcast(kv_cache, jnp.int32) if in_xla else kv_cache
     kernel = functools.partial(_decode_kernel, scale=scale, v_dim=v_dim, block_k=block_k, group=group,
-                               bitcast=bitcast)
+                               bitcast=group > 1 and not in_xla)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1,
         grid=(b, t),
@@ -143,4 +143,4 @@ def sparse_mla_decode_mosaic(q, kv_cache, layer, indices, *, scale, v_dim=512, b
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=_interpret_params(interpret),
         name="sparse_mla_decode",
-    )(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)), starts, slots, q, words)
+    )(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)), starts, slots, q, cache)
