@@ -17,6 +17,7 @@ Prints a table and writes JSON.
 """
 
 import collections
+import functools
 import json
 import math
 
@@ -55,6 +56,7 @@ def param_bytes_per_device(cfg: ModelConfig, sizes: dict[str, int], rules) -> tu
     return nbytes, count
 
 
+@functools.lru_cache(maxsize=64)  # meshes that split the batch alike share it: the trace takes seconds
 def activation_bytes(cfg: ModelConfig, batch: int, seq_len: int) -> int:
     """Bytes the backward pass keeps for `batch` sequences (residuals of jax.vjp, params excluded)."""
     params = nn.meta.unbox(boxed_abstract_params(cfg))
