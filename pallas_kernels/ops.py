@@ -13,9 +13,10 @@ A kernel runs interpreted where it cannot compile: the Triton one on CPU (or wit
 `implementation(impl)` names what runs here.
 Kernels: sparse MLA forward and backward (a `jax.custom_vjp`, dkv accumulated over every query
 that selected a row); indexer scores, with the top-k of each query chunk by
-`pallas_kernels.topk.select_topk` (radix select in XLA, no sort; the Triton indexers can run it as
-one kernel instead, `topk_kernel=True`, `pallas_kernels/topk_triton.py`); the decode indexer
-(`indexer_topk_decode`: few queries, a per-query key limit, one layer read in place from the
+`pallas_kernels.topk.select_topk` on GPU (radix select in XLA, no sort; the Triton indexers can run it
+as one kernel instead, `topk_kernel=True`, `pallas_kernels/topk_triton.py`) and by a stable sort of
+(score, index) pairs on TPU, where element gathers are slow (`pallas_kernels/indexer/mosaic.py`); the
+decode indexer (`indexer_topk_decode`: few queries, a per-query key limit, one layer read in place from the
 stacked cache [L, B, S, D], `pallas_kernels/indexer/{triton,mosaic}_decode.py`). FP8 (e4m3)
 indexer inputs: the Triton kernels multiply them natively (fp32 accumulation); the Mosaic ones
 widen them to bf16 in VMEM after the DMA (exact: every e4m3 value is a bf16; no fp8 matmul on TPU v4).

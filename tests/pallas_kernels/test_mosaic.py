@@ -81,14 +81,33 @@ def test_ops_sparse_mla_gradient_on_the_mosaic_path():
     (2, 13, 22, 8, 32, 8, 9, [22, 11], 16, jnp.bfloat16),  # decode-style offset, per-sequence lengths
     (1, 9, 9, 3, 16, 32, 0, None, 4, jnp.float32),    # S < topk: -1 padding
 ])
-def test_indexer_topk_matches_reference(b, t, s, h, d, topk, q_offset, k_len, chunk, dtype):
+@pytest.mark.parametrize("selection", ["sort", "radix"])
+def test_indexer_topk_matches_reference(b, t, s, h, d, topk, q_offset, k_len, chunk, dtype, selection):
     q, k, w, k_scale, kl = random_inputs(b, t, s, h, d, k_len, dtype)
     got = indexer_topk_mosaic(q, k, w, topk=topk, k_scale=k_scale, q_offset=q_offset, k_len=kl, chunk_size=chunk,
-                              key_block=16, block_t=8, block_s=8, interpret=True)
+                              key_block=16, block_t=8, block_s=8, selection=selection, interpret=True)
     want = indexer_topk_reference(q, k, w, topk=topk, k_scale=k_scale, q_offset=q_offset, k_len=kl)
     assert got.dtype == jnp.int32 and got.shape == want.shape
     assert same_selection(np.asarray(got), np.asarray(want), q, k, w, k_scale)
     assert ascending_then_padding(np.asarray(got))
+
+
+@pytest.mark.parametrize("selection", ["sort", "radix"])
+def test_indexer_topk_exact_ties_keep_the_lowest_index(selection):
+    """Zero head weights score every visible key 0: each query keeps its lowest indices, across 3 key blocks
+    merged one after another and a causal limit (query t sees t + 1 keys)."""
+    q, k, _, _, _ = random_inputs(1, 40, 40, 4, 16, None, jnp.float32)
+    got = np.asarray(indexer_topk_mosaic(q, k, jnp.zeros((1, 40, 4)), topk=6, chunk_size=16, key_block=16, block_t=8,
+                                         block_s=8, selection=selection, interpret=True))
+    for t in range(40):
+        n = min(t + 1, 6)
+        assert got[0, t].tolist() == list(range(n)) + [-1] * (6 - n)
+
+
+def test_indexer_topk_rejects_an_unknown_selection():
+    q, k, w, _, _ = random_inputs(1, 8, 8, 2, 16, None, jnp.float32)
+    with pytest.raises(ValueError, match="selection must be one of"):
+        indexer_topk_mosaic(q, k, w, topk=4, selection="bitonic", interpret=True)
 
 
 @pytest.mark.parametrize("backend, impl, interpret, expected", [
