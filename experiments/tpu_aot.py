@@ -13,9 +13,11 @@ Dv = 512, k = 2048; indexer 64 heads x 128; decode B = 16 sequences per chip, a 
 layers, 5.4 GB) at its default tiles.
 `--model=tiny` (any preset) adds the model's jitted steps, its attention on the Mosaic kernels:
 prefill, decode_step and the sparse-stage train step. Per kernel (or step) and generation the
-table gives whether it compiled, the seconds it took, the compiled program's code bytes and how
-many Mosaic calls it holds; a failure is listed with Mosaic's message. Compiling says nothing of
-speed: timings need a TPU.
+table gives whether it compiled, the seconds it took, the compiled program's code bytes, how
+many Mosaic calls it holds and how many XLA gathers (a TPU gathers elements one at a time: XLA's
+cost model prices a [512, 2048] element gather at 2.6 ms on v6e, so a gather on a kernel's path
+is worth a look); a failure is listed with Mosaic's message. Compiling says nothing of speed:
+timings need a TPU.
 """
 
 import contextlib
@@ -114,7 +116,7 @@ def _kernels_dispatch_to_mosaic():
 
 def compile_for(fn, args, device) -> dict:
     """AOT-compiles fn for `device` (a TPU topology's device) at abstract args (a pytree of ShapeDtypeStruct):
-    {seconds, code_bytes, kernels (Mosaic calls in the compiled program)}.
+    {seconds, code_bytes, kernels (Mosaic calls in the compiled program), gathers (XLA gather ops in it)}.
 
     The args get the default row-major layouts arrays on a TPU have: left free, the compiler picks
     other entry layouts and copies each arg into the kernel's (a 20 GB copy of a decode cache)."""
@@ -124,16 +126,17 @@ def compile_for(fn, args, device) -> dict:
     start = time.perf_counter()
     with _kernels_dispatch_to_mosaic():
         compiled = jax.jit(fn).lower(*args).compile()
+    text = compiled.as_text()
     return {"seconds": time.perf_counter() - start,
             "code_bytes": compiled.memory_analysis().generated_code_size_in_bytes,
-            "kernels": compiled.as_text().count('custom_call_target="tpu_custom_call"')}
+            "kernels": text.count('custom_call_target="tpu_custom_call"'), "gathers": text.count(" gather(")}
 
 
 def main(argv):
     del argv
     check_kernels_and_package("tpu_aot", _KERNELS.value, _KERNEL_NAMES, "libtpu", 'pip install "jax[tpu]"')
     print(f"{'kernel':20s} {'topology':10s} {'device':12s} {'ok':>3s} {'seconds':>8s} {'code_kib':>9s} "
-          f"{'kernels':>7s}")
+          f"{'kernels':>7s} {'gathers':>7s}")
     cases = [(kernel, fn, args) for kernel, fn, args in _cases() if kernel in _KERNELS.value]
     if _MODEL.value:
         cases += [(f"{_MODEL.value}/{step}", fn, args) for step, fn, args in _model_cases(_MODEL.value)
@@ -146,7 +149,7 @@ def main(argv):
             try:
                 row |= compile_for(fn, args, device)
                 print(f"{kernel:20s} {topology:10s} {device.device_kind:12s} {'yes':>3s} {row['seconds']:>8.1f} "
-                      f"{row['code_bytes'] / 1024:>9.0f} {row['kernels']:>7d}", flush=True)
+                      f"{row['code_bytes'] / 1024:>9.0f} {row['kernels']:>7d} {row['gathers']:>7d}", flush=True)
             except Exception as e:  # Mosaic or XLA rejected the kernel: the message says why
                 row["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
                 print(f"{kernel:20s} {topology:10s} {device.device_kind:12s} {'no':>3s} {row['error'][:300]}",

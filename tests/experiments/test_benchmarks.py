@@ -142,3 +142,6 @@ def test_tpu_aot_compiles_the_mosaic_kernels_for_a_tpu(tmp_path):
     assert all("error" not in r and r["code_bytes"] > 0 and r["kernels"] >= 1 for r in rows), rows
     # Every layer's decode indexer and attention (the tiny preset scans its layers: one call of each per body).
     assert rows[-1]["kernels"] >= 2, rows[-1]
+    # The prefill indexer merges by sort: no element gathers (select_topk's radix merge compiled to 36), and the
+    # attention kernels gather rows by DMA, not in XLA.
+    assert all(r["gathers"] == 0 for r in rows if r["kernel"] in ("indexer_fp8", "sparse_mla_fwd", "decode_mla")), rows
