@@ -16,8 +16,9 @@ that selected a row); indexer scores, with the top-k of each query chunk by
 `pallas_kernels.topk.select_topk` on GPU (radix select in XLA, no sort; the Triton indexers can run it
 as one kernel instead, `topk_kernel=True`, `pallas_kernels/topk_triton.py`) and by a stable sort of
 (score, index) pairs on TPU, where element gathers are slow (`pallas_kernels/indexer/mosaic.py`); the
-decode indexer (`indexer_topk_decode`: few queries, a per-query key limit, one layer read in place from the
-stacked cache [L, B, S, D], `pallas_kernels/indexer/{triton,mosaic}_decode.py`). FP8 (e4m3)
+decode indexer (`indexer_topk_decode`: few queries, a per-query key limit, one layer read in place from
+the stacked cache [L, B, S, D], `pallas_kernels/indexer/{triton,mosaic}_decode.py`; its TPU top-k is
+`lax.top_k`, for the same reason). FP8 (e4m3)
 indexer inputs: the Triton kernels multiply them natively (fp32 accumulation); the Mosaic ones
 widen them to bf16 in VMEM after the DMA (exact: every e4m3 value is a bf16; no fp8 matmul on TPU v4).
 Decode attention (`sparse_mla_decode`: the selected rows of one layer read in place from the

@@ -122,7 +122,7 @@ def indexer_scores_mosaic(q, k, w, k_scale, k_len, q_start, k_start, *, num_keys
     )(meta, k_len, q, w, k, k_scale)
 
 
-_SELECTIONS = ("sort", "radix")
+SELECTIONS = ("sort", "radix")  # how the TPU indexers select: an XLA sort, or `select_topk`
 # ~sortable_key(-inf), the descending key of a masked score: above every other (a negative float's is its bits).
 _MASKED = np.array(-np.inf, np.float32).view(np.uint32)[()]
 
@@ -156,8 +156,7 @@ def indexer_topk_mosaic(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, 
     selection: how each key block merges into the running top-k, "sort" (a stable sort of key-index
     pairs, XLA's TPU sort) or "radix" (`select_topk`); the same indices either way.
     """
-    if selection not in _SELECTIONS:
-        raise ValueError(f"indexer_topk_mosaic: selection must be one of {_SELECTIONS}, got {selection!r}")
+    check_selection("indexer_topk_mosaic", selection)
     b, s = k.shape[0], k.shape[1]
     kk = min(topk, s)
     k_len = jnp.full((b,), s, jnp.int32) if k_len is None else jnp.minimum(jnp.asarray(k_len, jnp.int32), s)
@@ -195,7 +194,7 @@ def indexer_topk_mosaic(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, 
         if selection == "radix":
             return jnp.where(best > -jnp.inf, best_i, -1)  # already ascending
         # By descending score; listed ascending (the kernels' order), the -1s of masked slots last.
-        return _ascending(jnp.where(best < _MASKED, best_i, -1))
+        return ascending_indices(jnp.where(best < _MASKED, best_i, -1))
 
     idx = map_query_chunks(chunk, chunk_size, q, w)
     if kk < topk:
@@ -203,7 +202,12 @@ def indexer_topk_mosaic(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, 
     return idx
 
 
-def _ascending(idx):
+def check_selection(name, selection):
+    if selection not in SELECTIONS:
+        raise ValueError(f"{name}: selection must be one of {SELECTIONS}, got {selection!r}")
+
+
+def ascending_indices(idx):
     """Each row's indices in increasing order, its -1s last."""
     big = jnp.iinfo(jnp.int32).max
     idx = jnp.sort(jnp.where(idx >= 0, idx, big), axis=-1)

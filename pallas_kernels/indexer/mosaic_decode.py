@@ -6,7 +6,8 @@ scores the keys s < k_len[b, t] of one layer of the cache,
 I[t, s] = k_scale[s] · Σ_h w[t, h] · relu(q[t, h] · k[layer, b, s]) in float32, as one
 [T·H, D] x [D, block_s] MXU matmul per (sequence, key block), then ReLU, the head weights and
 the head sum on the VPU; -inf where s >= k_len[b, t]. `indexer_topk_decode_mosaic` selects each
-row's top-k with `pallas_kernels.topk.select_topk` (indices ascending, -1 past the valid keys).
+row's top-k with `lax.top_k` (an XLA sort; `selection="sort"`) or `pallas_kernels.topk.select_topk`
+(`selection="radix"`), then lists the indices ascending, -1 past the valid keys.
 
 TPU-specific choices (why):
 - `layer` and each sequence's largest k_len are scalar-prefetched (SMEM), so the key block's
@@ -23,6 +24,11 @@ TPU-specific choices (why):
   layer's scales in place (4 B per key) and reads and writes the scores once more (8·T B per
   key), next to the keys' 128 B per key (not measured). The scale is one fp32 multiply after
   the head sum, as in the reference, so the scores are the same.
+- The selection sorts by default, as the prefill indexer merges (`indexer/mosaic.py`: a TPU gathers
+  elements one at a time). Here the case is weaker: at B = 16 and a 128K cache, select_topk
+  compiles to 42 gathers of ~2.0M elements in all (both branches of its fallback), ~5.4 ms at
+  XLA's v6e cost-model rate, against 0.05 ms for lax.top_k's sort in the same model; the model
+  prices that sort by its bytes alone, and even 153 bitonic passes over HBM would be ~1.6 ms.
 - q [T, H, D] and w [T, H, 1] are whole blocks per sequence (w's trailing unit dim broadcasts
   the head weights along lanes); keys [block_s, D], scores [T, block_s] (block_s a multiple of
   128).
@@ -39,6 +45,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.indexer.mosaic import ascending_indices, check_selection
 from pallas_kernels.topk import select_topk
 
 
@@ -110,7 +117,16 @@ def indexer_scores_decode_mosaic(q, k_cache, w, layer, k_len, k_scale=None, *, b
     return jnp.where(scores > -jnp.inf, scores * scale, -jnp.inf)  # scale 0 (an all-zero key) must not make NaN
 
 
-def indexer_topk_decode_mosaic(q, k_cache, w, layer, k_len, *, topk, k_scale=None, interpret=False, **tiles):
-    """Same contract as `indexer_topk_decode_reference`: int32 [B, T, topk], -1 for empty slots, indices ascending."""
+def indexer_topk_decode_mosaic(q, k_cache, w, layer, k_len, *, topk, k_scale=None, selection="sort", interpret=False,
+                               **tiles):
+    """Same contract as `indexer_topk_decode_reference`: int32 [B, T, topk], -1 for empty slots, indices ascending.
+
+    selection: "sort" (`lax.top_k`) or "radix" (`select_topk`); the same indices either way."""
+    check_selection("indexer_topk_decode_mosaic", selection)
     scores = indexer_scores_decode_mosaic(q, k_cache, w, layer, k_len, k_scale, interpret=interpret, **tiles)
-    return select_topk(scores, topk)  # -inf (masked or padded keys) never selected; -1 past the valid keys
+    if selection == "radix":
+        return select_topk(scores, topk)  # -inf (masked or padded keys) never selected; -1 past the valid keys
+    kk = min(topk, scores.shape[-1])
+    best, idx = jax.lax.top_k(scores, kk)  # ties: lowest index first; a position is its key's index
+    idx = ascending_indices(jnp.where(best > -jnp.inf, idx, -1))
+    return jnp.pad(idx, [(0, 0), (0, 0), (0, topk - kk)], constant_values=-1)

@@ -29,7 +29,8 @@ from tests.test_generate import random_params
 
 L, B, S, H, D, TOPK = 3, 2, 300, 5, 32, 8
 # Several key blocks, the last one partial (the ops entry point uses the default tiles: 128 and 384 here).
-KERNELS = {"triton": (indexer_topk_decode_triton, 64), "mosaic": (indexer_topk_decode_mosaic, 128)}
+KERNELS = {"triton": (indexer_topk_decode_triton, 64), "mosaic": (indexer_topk_decode_mosaic, 128),
+           "mosaic_radix": (functools.partial(indexer_topk_decode_mosaic, selection="radix"), 128)}
 K_LEN = {1: [[300], [5]],                      # full cache; fewer keys than topk
          3: [[300, 3, 0], [17, 133, 140]]}     # a query with no key; queries of one sequence differ
 
@@ -70,7 +71,7 @@ def test_reference_matches_brute_force():
             assert got[b, t].tolist() == ranked + [-1] * (TOPK - len(ranked))
 
 
-@pytest.mark.parametrize("impl", ["triton", "mosaic"])
+@pytest.mark.parametrize("impl", list(KERNELS))
 @pytest.mark.parametrize("t, dtype, scaled, layer", [
     (1, jnp.float32, True, "scan"),  # traced: a scan over the layers under jit, as in the model
     (3, jnp.bfloat16, False, 1),
@@ -163,3 +164,9 @@ def test_topk_kernel_equals_select_topk():
     run = lambda topk_kernel: np.asarray(indexer_topk_decode_triton(
         q, k_cache, w, 1, k_len, topk=TOPK, k_scale=k_scale, topk_kernel=topk_kernel, block_s=64, interpret=True))
     np.testing.assert_array_equal(run(True), run(False))
+
+
+def test_mosaic_rejects_an_unknown_selection():
+    q, k_cache, w, _, k_len = decode_inputs(1, jnp.float32)
+    with pytest.raises(ValueError, match="indexer_topk_decode_mosaic: selection must be one of"):
+        indexer_topk_decode_mosaic(q, k_cache, w, 0, k_len, topk=TOPK, selection="approx", interpret=True)

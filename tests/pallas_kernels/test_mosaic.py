@@ -106,7 +106,7 @@ def test_indexer_topk_exact_ties_keep_the_lowest_index(selection):
 
 def test_indexer_topk_rejects_an_unknown_selection():
     q, k, w, _, _ = random_inputs(1, 8, 8, 2, 16, None, jnp.float32)
-    with pytest.raises(ValueError, match="selection must be one of"):
+    with pytest.raises(ValueError, match="indexer_topk_mosaic: selection must be one of"):
         indexer_topk_mosaic(q, k, w, topk=4, selection="bitonic", interpret=True)
 
 
