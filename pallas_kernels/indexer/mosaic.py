@@ -127,22 +127,22 @@ SELECTIONS = ("sort", "radix")  # how the TPU indexers select: an XLA sort, or `
 _MASKED = np.array(-np.inf, np.float32).view(np.uint32)[()]
 
 
-def _merge_by_sort(best, best_i, scores, keys, kk):
-    """The kk largest of the running set and a new key block: one stable sort of (descending key, index) pairs.
+def _merge_by_sort(best, scores, cand_i, kk):
+    """The kk largest of the running set (descending keys) and a new key block: one stable sort of (descending
+    key, index) pairs; cand_i: the running set's indices, then the block's.
 
     Descending keys (~sortable_key) sort ascending in float total order reversed (+0.0 before -0.0, as
     lax.top_k), and the running set, sorted and of lower indices, goes first: so ties keep the lowest index.
     The indices travel as the sort's second operand: no gather (an element gather is slow on a TPU)."""
     cand = jnp.concatenate([best, ~sortable_key(scores)], axis=-1)
-    cand_i = jnp.concatenate([best_i, jnp.broadcast_to(keys, scores.shape)], axis=-1)
     cand, cand_i = jax.lax.sort((cand, cand_i), dimension=cand.ndim - 1, is_stable=True, num_keys=1)
     return cand[..., :kk], cand_i[..., :kk]
 
 
-def _merge_by_radix(best, best_i, scores, keys, kk):
-    """The same by `select_topk` (radix select, then gathers of the kept candidates), scores as float32."""
+def _merge_by_radix(best, scores, cand_i, kk):
+    """The same by `select_topk` (radix select, then gathers of the kept candidates), the running set as float32
+    scores in ascending index order."""
     cand_s = jnp.concatenate([best, scores], axis=-1)
-    cand_i = jnp.concatenate([best_i, jnp.broadcast_to(keys, scores.shape)], axis=-1)
     pos = select_topk(cand_s, kk)  # ascending candidate position = ascending key index; -1: none
     kept, pos = pos >= 0, jnp.maximum(pos, 0)
     return (jnp.where(kept, jnp.take_along_axis(cand_s, pos, axis=-1), -jnp.inf),
@@ -168,12 +168,8 @@ def indexer_topk_mosaic(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, 
     k = jnp.pad(k, ((0, 0), (0, sp - s), (0, 0)))
     k_scale = jnp.pad(k_scale, ((0, 0), (0, sp - s)))[:, None, :]
 
-    if selection == "sort":
-        merge = _merge_by_sort
-        init = lambda tc: (jnp.full((b, tc, kk), _MASKED, jnp.uint32), jnp.full((b, tc, kk), -1, jnp.int32))
-    else:
-        merge = _merge_by_radix
-        init = lambda tc: (jnp.full((b, tc, kk), -jnp.inf, jnp.float32), jnp.full((b, tc, kk), -1, jnp.int32))
+    # The running set's value for an empty slot, and its merge.
+    masked, merge = (_MASKED, _merge_by_sort) if selection == "sort" else (np.float32(-np.inf), _merge_by_radix)
 
     def chunk(positions, q_c, w_c):
         tc = q_c.shape[1]
@@ -183,18 +179,22 @@ def indexer_topk_mosaic(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, 
         q_start = positions[0]
 
         def step(i, carry):
+            best, best_i = carry
             k_start = i * key_block
             scores = indexer_scores_mosaic(q_c, k, w_c, k_scale, k_len, q_start, k_start, num_keys=key_block,
                                            q_offset=q_offset, block_t=block_t, block_s=block_s,
                                            interpret=interpret)[:, :tc]
-            return merge(*carry, scores, k_start + jnp.arange(key_block, dtype=jnp.int32), kk)
+            keys = k_start + jnp.arange(key_block, dtype=jnp.int32)
+            cand_i = jnp.concatenate([best_i, jnp.broadcast_to(keys, scores.shape)], axis=-1)
+            return merge(best, scores, cand_i, kk)
 
         visible = jnp.minimum(q_start + tc + q_offset, jnp.max(k_len))  # keys any query of the chunk can see
-        best, best_i = jax.lax.fori_loop(0, (visible + key_block - 1) // key_block, step, init(tc))
-        if selection == "radix":
-            return jnp.where(best > -jnp.inf, best_i, -1)  # already ascending
-        # By descending score; listed ascending (the kernels' order), the -1s of masked slots last.
-        return ascending_indices(jnp.where(best < _MASKED, best_i, -1))
+        init = (jnp.full((b, tc, kk), masked, masked.dtype), jnp.full((b, tc, kk), -1, jnp.int32))
+        best, best_i = jax.lax.fori_loop(0, (visible + key_block - 1) // key_block, step, init)
+        idx = jnp.where(best != masked, best_i, -1)
+        # The sort leaves them by descending score: listed ascending (the kernels' order), -1s last. The radix
+        # merge keeps candidate order, which is index order.
+        return ascending_indices(idx) if selection == "sort" else idx
 
     idx = map_query_chunks(chunk, chunk_size, q, w)
     if kk < topk:
