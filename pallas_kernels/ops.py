@@ -172,7 +172,8 @@ def sparse_mla(q, kv, indices, *, scale, v_dim=512, impl="auto", interpret=False
     """Attention over the selected latent rows.
 
     q [B, T, H, Dqk], kv [B, S, Dqk], indices [B, T, K] (-1 = unused) -> [B, T, H, v_dim], the
-    values being kv[..., :v_dim]; softmax over the selected rows only. Differentiable in q and kv
+    values being kv[..., :v_dim]; softmax over the selected rows only (a row a query selects twice
+    counts twice, in the output and in the gradients, as in the reference). Differentiable in q and kv
     (the kernels' backward kernel; the reference by autodiff). `impl` and `interpret`: see the
     module docstring; chunk_size tiles the reference.
     """

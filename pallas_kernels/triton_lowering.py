@@ -1,4 +1,5 @@
-"""Two fixes to what Pallas' Triton lowering emits for our kernels, found compiling them offline for sm_90a.
+"""Two fixes to what Pallas' Triton lowering emits for our kernels, found compiling them offline for sm_90a,
+and one to how Pallas interprets them.
 
 1. FP8 dots on wgmma. Pallas lowers `jnp.dot` to a `tt.dot` without `maxNumImpreciseAcc` (JAX 0.10
    to 0.12). For an fp8 x fp8 -> float32 dot Triton then refuses Hopper's wgmma, which it allows
@@ -17,13 +18,23 @@
    the kernel ends needs atomicity only: `relax_atomic_adds(name)` makes that kernel's atomic adds
    relaxed, which compile to fire-and-forget REDs without barriers.
 
-Both are scoped to the pallas_calls named (a kernel whose atomics order other memory operations,
-a flag or a lock, keeps its semantics) and work by wrapping JAX's lowering rules for
+3. Exact interpreted atomic adds. In interpret mode Pallas discharges an atomic add at gathered
+   (array) indices as `ref.at[idx].set(ref[idx] + val)` (JAX 0.10.2), so of several lanes adding
+   into the same element within one call only one lands; on a GPU each lane's add is its own atomic
+   and all land. The sparse MLA backward adds a block of row gradients at the rows' indices, so a
+   row selected twice by one query lost a gradient when interpreted (and only then).
+   `exact_interpreted_atomic_adds()` makes that discharge `ref.at[idx].add(val)`, the hardware's
+   result (each lane gets the element's value before the call, one of the values a GPU may return).
+
+Fixes 1 and 2 are scoped to the pallas_calls named (a kernel whose atomics order other memory
+operations, a flag or a lock, keeps its semantics) and work by wrapping JAX's lowering rules for
 `lax.dot_general` and Pallas' atomic primitive in an internal table
 (`jax._src.pallas.triton.lowering.triton_lowering_rules`), once per process. Lowering happens
 when the enclosing jit compiles, after the kernel wrappers have run, so the names are registered
-for the life of the process. tests/pallas_kernels/test_triton_lowering.py checks that both reach
-the kernels' Triton IR; `experiments/triton_static.py` shows the SASS effect.
+for the life of the process. Fix 3 wraps the atomic primitive's discharge rule (the internal
+`jax._src.state.discharge._discharge_rules`) for the process: interpreted, an atomic add at
+gathered indices is a scatter-add whatever the kernel. tests/pallas_kernels/test_triton_lowering.py
+checks that the three take effect; `experiments/triton_static.py` shows the SASS effect of 1 and 2.
 """
 
 import jax.numpy as jnp
@@ -32,6 +43,8 @@ from jax._src.lib.mlir import ir
 from jax._src.lib.triton import dialect as tt_dialect
 from jax._src.pallas.triton import lowering
 from jax._src.pallas.triton import primitives as triton_primitives
+from jax._src.state import discharge as state_discharge
+from jax._src.state import indexing
 
 PROMOTION_INTERVAL = 128  # fp8 products summed in the tensor core before each float32 add
 
@@ -77,13 +90,31 @@ def _relaxed_add_rule(rule):
     return atomic_rmw
 
 
+def _exact_add_discharge(rule):
+    def discharge(in_avals, out_avals, *args_flat, args_tree, atomic_type):
+        ref, transforms, val, mask = args_tree.unflatten(args_flat)
+        gathered = (atomic_type == triton_primitives.AtomicOpType.ADD and mask is None and len(transforms) == 1
+                    and isinstance(transforms[0], indexing.NDIndexer)
+                    and not any(isinstance(i, indexing.Slice) for i in transforms[0].indices))
+        if not gathered:  # slices cannot repeat an element: the rule as JAX has it
+            return rule(in_avals, out_avals, *args_flat, args_tree=args_tree, atomic_type=atomic_type)
+        idx = transforms[0].indices
+        return (ref.at[idx].add(val),) + (None,) * (len(in_avals) - 1), ref[idx]
+
+    return discharge
+
+
+def _wrap_once(rules, primitive, wrap):
+    """rules[primitive] = wrap(rules[primitive]), unless already wrapped (idempotent)."""
+    if not getattr(rules[primitive], "deepseek_jax_fix", False):
+        rules[primitive] = wrap(rules[primitive])
+        rules[primitive].deepseek_jax_fix = True
+
+
 def _install():
-    """Wraps the two lowering rules once (idempotent)."""
-    rules = lowering.triton_lowering_rules
+    """Wraps the two lowering rules once."""
     for primitive, wrap in ((lax.dot_general_p, _fp8_dot_rule), (triton_primitives.atomic_rmw_p, _relaxed_add_rule)):
-        if not getattr(rules[primitive], "deepseek_jax_fix", False):
-            rules[primitive] = wrap(rules[primitive])
-            rules[primitive].deepseek_jax_fix = True
+        _wrap_once(lowering.triton_lowering_rules, primitive, wrap)
 
 
 def use_fp8_wgmma(kernel_name: str):
@@ -96,3 +127,12 @@ def relax_atomic_adds(kernel_name: str):
     """The pallas_call named kernel_name lowers its atomic adds with relaxed semantics (atomic, unordered)."""
     _install()
     _RELAXED_ADDS.add(kernel_name)
+
+
+def exact_interpreted_atomic_adds():
+    """Interpreted atomic adds at gathered indices accumulate every lane's value, repeated indices included."""
+    rules = state_discharge._discharge_rules
+    if triton_primitives.atomic_rmw_p not in rules:
+        raise NotImplementedError("pallas_kernels.triton_lowering (exact interpreted adds): JAX has no discharge "
+                                  "rule for Pallas' atomic_rmw where one was expected")
+    _wrap_once(rules, triton_primitives.atomic_rmw_p, _exact_add_discharge)

@@ -17,9 +17,14 @@ by read-modify-write: each block's rows of dkv are DMA-gathered (triple-buffered
 row gradients (scale·dSᵀq + Pᵀ dO on the latent part) added, and the rows DMA-scattered back.
 The query axis is "arbitrary" (sequential on a core) and every write-back completes before the
 next query reads, so rows shared by several queries accumulate exactly; batch rows touch
-disjoint rows of dkv and run "parallel". A query's indices must be distinct (the indexer's
-top-k guarantees it): a row repeated within one query would be read twice and written twice,
-keeping one of the two updates. Indices must lie in [-1, S): a row DMA has no bounds clamp.
+disjoint rows of dkv and run "parallel". Within a query, the blocks' read-modify-writes overlap
+(block j + 1's rows are read before block j's are written back), so a row must appear once per
+query: the wrapper gives the kernel each query's distinct rows (a sort of its indices, ~K log K
+compares against the kernel's K row DMAs), each weighted by how many slots selected it, and the
+kernel scales the row's probability by that count. That is the exact gradient of attention over
+the repeated rows (a row selected m times carries m·p of the softmax mass; its dS and dV terms
+scale with it), and for distinct indices (the indexer's top-k) the weights are 1. Indices must
+lie in [-1, S): a row DMA has no bounds clamp.
 
 TPU-specific layout choices (why):
 - Indices are a per-query SMEM block (pipelined HBM->SMEM by Pallas) rather than one
@@ -132,9 +137,9 @@ def _scatter(buf, dst, sem, slot):
     return lambda i, r: pltpu.make_async_copy(buf.at[slot, pl.ds(r, 1)], dst.at[pl.ds(i, 1)], sem.at[slot])
 
 
-def _used(idx_vmem, j, block_k):
-    """[1, block_k] bool: which slots of index block j are used."""
-    return idx_vmem[:, pl.ds(pl.multiple_of(j * block_k, block_k), block_k)] >= 0
+def _slot_block(vmem, j, block_k):
+    """[1, block_k]: index block j's slots of a per-query [1, K_padded] VMEM block (indices or row weights)."""
+    return vmem[:, pl.ds(pl.multiple_of(j * block_k, block_k), block_k)]
 
 
 def _pipelined(copies, num_blocks, step, init):
@@ -197,7 +202,8 @@ def _fwd_kernel(idx_smem, idx_vmem, q_ref, kv_hbm, o_ref, lse_ref, kv_buf, kv_se
 
     def step(j, slot, carry):
         kn1, kn2, kr = _split_rows(kv_buf[slot], v_dim)
-        return _attend_block(q_parts, (kn1, kn2, kr), (kn1, kn2), _used(idx_vmem, j, block_k), carry, acc_ref, scale)
+        used = _slot_block(idx_vmem, j, block_k) >= 0
+        return _attend_block(q_parts, (kn1, kn2, kr), (kn1, kn2), used, carry, acc_ref, scale)
 
     m, l = _pipelined(copies, idx_vmem.shape[-1] // block_k, step, _softmax_init(q.shape[0]))
     out, lse = _finish(acc_ref, m, l)
@@ -228,6 +234,20 @@ def _layout(kv, indices, v_dim, block_k):
     idx = jnp.pad(indices.astype(jnp.int32), ((0, 0), (0, 0), (0, kp - k)), constant_values=-1)[:, :, None, :]
     rows = _pack_rows(kv, v_dim) if kv.dtype == jnp.bfloat16 else kv
     return rows, idx
+
+
+def _distinct_rows(indices):
+    """(rows int32, weights float32) [B, T, K]: each query's selected rows once (ascending, -1 in the other
+    slots), weighted by how many of its slots select the row (0 in the other slots)."""
+    k = indices.shape[-1]
+    rows = jnp.sort(indices.astype(jnp.int32), axis=-1)
+    pos = jnp.arange(k, dtype=jnp.int32)
+    first = jnp.concatenate([jnp.ones_like(rows[..., :1], bool), rows[..., 1:] != rows[..., :-1]], axis=-1)
+    # A run of equal indices ends where the next begins: the least run start after each slot.
+    later_starts = jnp.concatenate([jnp.where(first, pos, k)[..., 1:], jnp.full_like(rows[..., :1], k)], axis=-1)
+    count = jax.lax.cummin(later_starts, axis=rows.ndim - 1, reverse=True) - pos
+    keep = first & (rows >= 0)
+    return jnp.where(keep, rows, -1), jnp.where(keep, count, 0).astype(jnp.float32)
 
 
 def _per_query(shape):
@@ -263,10 +283,10 @@ def sparse_mla_fwd(q, kv, indices, *, scale, v_dim, block_k=128, interpret=False
     return out, lse[..., 0]
 
 
-def _bwd_kernel(idx_smem, idx_vmem, q_ref, do_ref, lse_ref, delta_ref, kv_hbm, _dkv_in, dq_ref, dkv_hbm,
+def _bwd_kernel(idx_smem, weight_vmem, q_ref, do_ref, lse_ref, delta_ref, kv_hbm, _dkv_in, dq_ref, dkv_hbm,
                 kv_buf, g_buf, kv_sem, g_in_sem, g_out_sem, dq_acc, *, scale, v_dim, block_k):
     half = v_dim // 2
-    num_blocks = idx_vmem.shape[-1] // block_k
+    num_blocks = weight_vmem.shape[-1] // block_k
     kv_rows, dkv_rows = kv_hbm.at[pl.program_id(0)], dkv_hbm.at[pl.program_id(0)]
 
     def kv_copies(j, slot, method):
@@ -309,7 +329,8 @@ def _bwd_kernel(idx_smem, idx_vmem, q_ref, do_ref, lse_ref, delta_ref, kv_hbm, _
         g_in(j, "wait")
         kn1, kn2, kr = _split_rows(kv_buf[slot], v_dim)
         s = (_dot_nt(q1, kn1) + _dot_nt(q2, kn2) + _dot_nt(qr, kr)) * scale
-        p = jnp.where(_used(idx_vmem, j, block_k) & finite, jnp.exp(s - lse), 0.0)  # [H, block_k]
+        weight = _slot_block(weight_vmem, j, block_k)  # [1, block_k]: how many slots selected the row (0: unused)
+        p = jnp.where((weight > 0) & finite, jnp.exp(s - lse) * weight, 0.0)  # [H, block_k]
         dp = _dot_nt(do1, kn1) + _dot_nt(do2, kn2)
         ds = (p * (dp - delta) * scale).astype(kn1.dtype)
         dq_acc[:, :half] += jnp.dot(ds, kn1, preferred_element_type=jnp.float32)
@@ -336,7 +357,9 @@ def sparse_mla_bwd(q, kv, indices, out, lse, d_out, *, scale, v_dim, block_k=128
     b, t, h, d = q.shape
     s = kv.shape[1]
     block_k = _block_k(block_k, indices.shape[-1])
-    rows, idx = _layout(kv, indices, v_dim, block_k)
+    distinct, weights = _distinct_rows(indices)  # a row appears once per query (module docstring)
+    rows, idx = _layout(kv, distinct, v_dim, block_k)
+    weights = jnp.pad(weights, ((0, 0), (0, 0), (0, idx.shape[-1] - weights.shape[-1])))[:, :, None, :]
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)[..., None]  # Δ = rowsum(dO ⊙ O)
     kernel = functools.partial(_bwd_kernel, scale=scale, v_dim=v_dim, block_k=block_k)
     dq, dkv = pl.pallas_call(
@@ -362,5 +385,5 @@ def sparse_mla_bwd(q, kv, indices, out, lse, d_out, *, scale, v_dim, block_k=128
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=_interpret_params(interpret),
         name="sparse_mla_bwd",
-    )(idx, idx, q, d_out.astype(q.dtype), lse[..., None], delta, rows, jnp.zeros((b, s, d), jnp.float32))
+    )(idx, weights, q, d_out.astype(q.dtype), lse[..., None], delta, rows, jnp.zeros((b, s, d), jnp.float32))
     return dq, dkv.astype(kv.dtype)

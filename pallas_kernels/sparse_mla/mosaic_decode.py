@@ -56,8 +56,8 @@ from pallas_kernels.sparse_mla.mosaic import (
     _interpret_params,
     _pipelined,
     _row_copies,
+    _slot_block,
     _softmax_init,
-    _used,
     high_bf16,
     low_bf16,
 )
@@ -79,7 +79,7 @@ def _decode_kernel(layer_ref, starts_smem, slots_vmem, q_ref, kv_hbm, o_ref, kv_
         # bf16: each word holds rows 2i (low half) and 2i + 1 (high half); the slot mask keeps the selected one.
         halves = (low_bf16(words), high_bf16(words)) if group > 1 else (words,)
         for p, rows in enumerate(halves):
-            used = _used(slots_vmem, group * j + p, block_k)
+            used = _slot_block(slots_vmem, group * j + p, block_k) >= 0
             carry = _attend_block(q_parts, (rows[:, :v_dim], rows[:, v_dim:]), (rows[:, :v_dim],), used, carry,
                                   acc_ref, scale)
         return carry

@@ -9,9 +9,9 @@ the output and the log-sum-exp. Unused slots (-1) are skipped by masking.
 The backward kernel has the same grid and walk: it recomputes p from the saved log-sum-exp,
 forms dS = P ⊙ (dO·Vᵀ − Δ) (Δ = rowsum(dO ⊙ O), precomputed), writes dq for its heads, and
 adds each gathered row's gradient (scale·dSᵀq + Pᵀ dO on the latent part) into a float32 dkv
-with atomic adds: a row is shared by every query that selected it. (Interpret mode emulates the
-atomics with a scatter that counts a row repeated within one block once; the indexer never
-selects a key twice, and on the GPU the atomics are exact.) Those atomics bound it (H200,
+with atomic adds: a row is shared by every query that selected it, and by every slot of a query
+that repeats it (each lane's add is its own atomic; interpreted, they are a scatter-add:
+`triton_lowering.exact_interpreted_atomic_adds`). Those atomics bound it (H200,
 T=16K: ~43 TFLOP/s). Two changes since, neither timed on a GPU yet:
 - the adds are relaxed (`triton_lowering.relax_atomic_adds`): as Pallas lowers them, acquire-release,
   each compiled to MEMBAR.ALL.GPU + ATOMG + CCTL.IVALL (wait for every outstanding memory
@@ -56,7 +56,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.tiles import next_pow2
-from pallas_kernels.triton_lowering import relax_atomic_adds
+from pallas_kernels.triton_lowering import exact_interpreted_atomic_adds, relax_atomic_adds
 
 
 def _index_block(idx_ref, i, block_k):
@@ -311,6 +311,8 @@ def sparse_mla_bwd(q, kv, indices, out, lse, d_out, *, scale, v_dim, block_h=32,
     params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     dkv_name = "sparse_mla_bwd_dkv" if split_dkv else "sparse_mla_bwd"  # the kernel that adds into dkv
     relax_atomic_adds(dkv_name)  # dkv is read only after the kernel: its adds need no ordering
+    if interpret:
+        exact_interpreted_atomic_adds()  # a row repeated within one block gets every slot's add, as on a GPU
     head_vec = pl.BlockSpec((None, block_h), lambda i, j: (i, j))
     in_specs = _specs(dims, (vp, rp, vp), (vp, rp))
     in_specs = in_specs[:4] + [head_vec, head_vec] + in_specs[4:]

@@ -17,7 +17,7 @@ S = 64K keys (bf16 and fp8). At T = S = 64K the prefill indexer calls its scores
 causal run, each with only the keys that run sees. The top-k kernel (`select_topk_triton`) lowers
 on a [512, 64K] block of scores, and behind the prefill and decode indexers (`topk_kernel=True`).
 The indexers' fp8 dots reach the Triton IR marked for Hopper's fp8 wgmma and the backward's atomic
-adds relaxed (`triton_lowering`).
+adds relaxed (`triton_lowering`); interpreted, atomic adds at repeated indices all land.
 """
 
 import math
@@ -25,6 +25,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -34,6 +35,7 @@ from pallas_kernels.indexer.triton import indexer_scores_triton, indexer_topk_tr
 from pallas_kernels.indexer.triton_decode import indexer_topk_decode_triton
 from pallas_kernels.sparse_mla import triton as sparse_mla_triton
 from pallas_kernels.topk_triton import select_topk_triton
+from pallas_kernels.triton_lowering import exact_interpreted_atomic_adds
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 sd = jax.ShapeDtypeStruct
@@ -122,6 +124,21 @@ def test_backward_atomic_adds_are_relaxed_and_only_there():
     adds = [line for ir, *_ in triton_kernels(other, sd((16,), jnp.float32)) for line in ir.splitlines()
             if "tt.atomic_rmw" in line]
     assert adds and all("tt.atomic_rmw fadd, acq_rel, gpu" in line for line in adds), adds
+
+
+def test_interpreted_atomic_adds_at_repeated_indices_all_land():
+    """As on a GPU, where each lane's add is an atomic of its own: 6 lanes add into 3 elements (JAX's own
+    discharge keeps one add per element); an add over a slice keeps JAX's rule."""
+    exact_interpreted_atomic_adds()
+
+    def kernel(i_ref, x_ref, o_ref):
+        o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
+        plgpu.atomic_add(o_ref, (i_ref[...],), x_ref[...])
+        plgpu.atomic_add(o_ref, (pl.ds(1, 2),), x_ref[:2])
+
+    out = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((3,), jnp.float32), interpret=True)(
+        jnp.array([0, 2, 0, 1, 0, 2], jnp.int32), jnp.arange(1.0, 7.0))
+    np.testing.assert_array_equal(out, [1 + 3 + 5, 4 + 1, 2 + 6 + 2])
 
 
 def export_for_cuda(fn, args):
