@@ -77,12 +77,18 @@ def implementation(impl: str = "auto") -> str:
         return "reference"
     return kernel + (" (interpreted)" if interpret else "")
 
+def _check_topk(name, topk):
+    if not isinstance(topk, (int, np.integer)) or isinstance(topk, bool) or topk < 1:
+        raise ValueError(f"{name}: topk: expected a positive int, got {topk!r}")
+
+
 def indexer_topk(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, impl="auto", interpret=False,
                  chunk_size=256, key_block=4096):
     """Top-k keys of the lightning indexer.
 
     q [B, T, H, D], k [B, S, D], w [B, T, H] (float32; any q scale folded in), optional
-    k_scale [B, S] (FP8 keys) -> int32 [B, T, topk] indices of the largest
+    k_scale [B, S] (FP8 keys), k_len a scalar or [B] (keys per sequence; default S) -> int32 [B, T, topk]
+    indices of the largest
     I[t, s] = k_scale[s] Σ_h w[t, h] relu(q[t, h]·k[s]) over s <= t + q_offset, s < k_len[b];
     -1 marks slots with no valid key (after the valid ones). Ties: lowest index first. The order
     within a row is not part of the contract: the reference lists indices by decreasing score,
@@ -94,6 +100,14 @@ def indexer_topk(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, impl="a
         raise ValueError(f"indexer_topk: expected q [B,T,H,D], k [B,S,D], w [B,T,H]; got {q.shape}, {k.shape}, {w.shape}")
     if q.shape[-1] != k.shape[-1] or q.shape[:3] != w.shape or q.shape[0] != k.shape[0]:
         raise ValueError(f"indexer_topk: shapes disagree: q {q.shape}, k {k.shape}, w {w.shape}")
+    _check_topk("indexer_topk", topk)
+    if k_scale is not None and k_scale.shape != k.shape[:2]:
+        raise ValueError(f"indexer_topk: k_scale: expected [B, S] = {k.shape[:2]}, got {k_scale.shape}")
+    if k_len is not None:
+        if jnp.ndim(k_len) > 1 or jnp.shape(k_len) not in ((), k.shape[:1]):
+            raise ValueError(f"indexer_topk: k_len: expected a scalar or [B] = {k.shape[:1]}, got shape "
+                             f"{jnp.shape(k_len)} (per-query key limits: indexer_topk_decode)")
+        k_len = jnp.broadcast_to(jnp.asarray(k_len, jnp.int32), k.shape[:1])
     # Indices carry no gradient; stopping it here keeps autodiff out of the kernel.
     q, k, w = jax.lax.stop_gradient((q, k, w))
     if kernel is not None:
@@ -124,6 +138,7 @@ def indexer_topk_decode(q, k_cache, w, layer, k_len, *, topk, k_scale=None, impl
                          f"{k_cache.shape}, {w.shape}")
     if q.shape[-1] != k_cache.shape[-1] or q.shape[:3] != w.shape or q.shape[0] != k_cache.shape[1]:
         raise ValueError(f"indexer_topk_decode: shapes disagree: q {q.shape}, k_cache {k_cache.shape}, w {w.shape}")
+    _check_topk("indexer_topk_decode", topk)
     if jnp.shape(k_len) != q.shape[:2]:
         raise ValueError(f"indexer_topk_decode: k_len: expected [B, T] = {q.shape[:2]}, got {jnp.shape(k_len)}")
     if k_scale is not None and k_scale.shape != k_cache.shape[:3]:

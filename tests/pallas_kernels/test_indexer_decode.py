@@ -112,12 +112,13 @@ def test_exact_zero_ties_keep_the_lowest_index(impl):
     ({"k_scale": jnp.zeros((B, S))}, "k_scale"),
     ({"layer": 3}, "layer"),
     ({"layer": jnp.zeros((1,), jnp.int32)}, "layer"),
+    ({"topk": 0}, "topk"),
 ])
 def test_bad_input_raises(args, match):
     inputs = {"q": jnp.zeros((B, 1, H, D)), "k_cache": jnp.zeros((L, B, S, D)), "w": jnp.zeros((B, 1, H)),
-              "layer": 0, "k_len": jnp.zeros((B, 1), jnp.int32), "k_scale": None} | args
+              "layer": 0, "k_len": jnp.zeros((B, 1), jnp.int32), "k_scale": None, "topk": TOPK} | args
     with pytest.raises(ValueError, match=match):
-        ops.indexer_topk_decode(topk=TOPK, **inputs)
+        ops.indexer_topk_decode(**inputs)
 
 
 def test_model_cached_step_with_the_kernels():
