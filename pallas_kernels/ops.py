@@ -186,9 +186,9 @@ _zero_vjp_call.defvjp(_zero_vjp_call_fwd, _zero_vjp_call_bwd)
 def sparse_mla(q, kv, indices, *, scale, v_dim=512, impl="auto", interpret=False, chunk_size=256):
     """Attention over the selected latent rows.
 
-    q [B, T, H, Dqk], kv [B, S, Dqk], indices [B, T, K] (-1 = unused) -> [B, T, H, v_dim], the
-    values being kv[..., :v_dim]; softmax over the selected rows only (a row a query selects twice
-    counts twice, in the output and in the gradients, as in the reference). Differentiable in q and kv
+    q [B, T, H, Dqk], kv [B, S, Dqk], indices [B, T, K] (-1 = unused; so is any index outside [0, S), as in
+    FlashMLA) -> [B, T, H, v_dim], the values being kv[..., :v_dim]; softmax over the selected rows only (a row
+    a query selects twice counts twice, in the output and in the gradients). Differentiable in q and kv
     (the kernels' backward kernel; the reference by autodiff). `impl` and `interpret`: see the
     module docstring; chunk_size tiles the reference.
     """
@@ -197,9 +197,19 @@ def sparse_mla(q, kv, indices, *, scale, v_dim=512, impl="auto", interpret=False
         raise ValueError(f"sparse_mla: expected q [B,T,H,D], kv [B,S,D], indices [B,T,K]; got {q.shape}, {kv.shape}, {indices.shape}")
     if q.shape[-1] != kv.shape[-1] or q.shape[:2] != indices.shape[:2] or v_dim > kv.shape[-1]:
         raise ValueError(f"sparse_mla: shapes disagree: q {q.shape}, kv {kv.shape}, indices {indices.shape}, v_dim {v_dim}")
+    if not jnp.issubdtype(indices.dtype, jnp.integer):
+        raise ValueError(f"sparse_mla: indices: expected an integer dtype, got {indices.dtype}")
+    indices = _in_range(indices, kv.shape[1])
     if kernel is not None:
         return _sparse_mla_kernel(q, kv, indices, scale, v_dim, kernel, interpret)
     return sparse_mla_reference(q, kv, indices, scale=scale, v_dim=v_dim, chunk_size=chunk_size)
+
+
+def _in_range(indices, num_rows):
+    """int32 indices with every index outside [0, num_rows) as -1 (unused): the reference would clamp it to a real
+    row, the Triton kernels read another sequence's row or past the array, the Mosaic ones DMA out of bounds."""
+    indices = indices.astype(jnp.int32)
+    return jnp.where((indices >= 0) & (indices < num_rows), indices, -1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -228,8 +238,8 @@ def sparse_mla_decode(q, kv_cache, layer, indices, *, scale, v_dim=512, impl="au
 
     q [B, T, H, D] (the absorbed queries; T = 1 in decode, 1 + drafts in speculative verification),
     kv_cache [L, B, S, D] (the model cache's `kv`, bf16 or float32), layer: int32 scalar (may be
-    traced; must lie in [0, L)), indices [B, T, K] int32 (-1 = unused; rows of kv_cache[layer, b])
-    -> [B, T, H, v_dim] in q's dtype: `sparse_mla` of q over kv_cache[layer] (softmax over the
+    traced; must lie in [0, L)), indices [B, T, K] int32 (rows of kv_cache[layer, b]; -1, or any index
+    outside [0, S), = unused) -> [B, T, H, v_dim] in q's dtype: `sparse_mla` of q over kv_cache[layer] (softmax over the
     selected rows only, in float32; a query with no selected row gives zeros). The kernels read the
     rows in place from the cache (no gathered [B, T·K, D] copy, no copy of the layer); the
     reference gathers them. `impl` and `interpret`: see the module docstring.
@@ -255,7 +265,7 @@ def sparse_mla_decode(q, kv_cache, layer, indices, *, scale, v_dim=512, impl="au
         raise ValueError(f"sparse_mla_decode: layer: expected a scalar, got shape {jnp.shape(layer)}")
     if isinstance(layer, (int, np.integer)) and not 0 <= layer < kv_cache.shape[0]:
         raise ValueError(f"sparse_mla_decode: layer: expected 0 <= layer < {kv_cache.shape[0]}, got {layer}")
-    layer, indices = jnp.asarray(layer, jnp.int32), indices.astype(jnp.int32)
+    layer, indices = jnp.asarray(layer, jnp.int32), _in_range(indices, kv_cache.shape[2])
     if kernel is not None:
         decode_fn = (sparse_mla_mosaic_decode.sparse_mla_decode_mosaic if kernel == "mosaic"
                      else sparse_mla_triton_decode.sparse_mla_decode_triton)

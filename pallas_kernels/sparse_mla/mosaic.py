@@ -24,7 +24,7 @@ compares against the kernel's K row DMAs), each weighted by how many slots selec
 kernel scales the row's probability by that count. That is the exact gradient of attention over
 the repeated rows (a row selected m times carries m·p of the softmax mass; its dS and dV terms
 scale with it), and for distinct indices (the indexer's top-k) the weights are 1. Indices must
-lie in [-1, S): a row DMA has no bounds clamp.
+lie in [-1, S): a row DMA has no bounds clamp (`ops.sparse_mla` makes any other index -1).
 
 TPU-specific layout choices (why):
 - Indices are a per-query SMEM block (pipelined HBM->SMEM by Pallas) rather than one

@@ -154,3 +154,28 @@ def test_repeated_indices_count_every_occurrence(impl):
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for g, w in zip(got_grads, want_grads):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton", "mosaic"])
+def test_indices_outside_the_rows_are_unused(impl):
+    """Every implementation reads an index outside [0, S) as -1 (FlashMLA's convention), in the forward, the
+    gradients and decode; before, the reference clamped it to row S - 1 and the kernels read out of bounds."""
+    rng = np.random.default_rng(8)
+    q = jnp.asarray(rng.normal(size=(2, 3, 4, 48)), jnp.float32)
+    kv = jnp.asarray(rng.normal(size=(2, 20, 48)), jnp.float32)
+    idx = rng.integers(0, 20, size=(2, 3, 24))
+    idx[..., ::3] = rng.choice([-5, 20, 21, 1 << 30], size=idx[..., ::3].shape)
+    idx[1, 2] = 20  # a query with no row in range
+    masked = jnp.asarray(np.where((idx >= 0) & (idx < 20), idx, -1), jnp.int32)
+    cot = jnp.asarray(rng.normal(size=(2, 3, 4, 32)), jnp.float32)
+
+    def value_and_grads(idx):
+        loss = lambda q_, kv_: jnp.sum(ops.sparse_mla(q_, kv_, idx, scale=0.3, v_dim=32, impl=impl,
+                                                      interpret=True) * cot)
+        return jax.value_and_grad(loss, argnums=(0, 1))(q, kv)
+
+    for got, want in zip(jax.tree.leaves(value_and_grads(jnp.asarray(idx, jnp.int32))),
+                         jax.tree.leaves(value_and_grads(masked))):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    decode = lambda idx: ops.sparse_mla_decode(q, kv[None], 0, idx, scale=0.3, v_dim=32, impl=impl, interpret=True)
+    np.testing.assert_allclose(decode(jnp.asarray(idx, jnp.int32)), decode(masked), rtol=1e-6, atol=1e-6)
