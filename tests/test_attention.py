@@ -180,15 +180,6 @@ def test_sparse_attention_memory_is_not_quadratic():
     assert large < 0.1 * 16384**2 * 4, large             # measured ~5.6 % (CPU, opt level 0)
 
 
-@pytest.mark.parametrize("impl", ["reference", "triton", "mosaic"])
-def test_ops_indexer_topk_takes_a_scalar_k_len_for_every_sequence(impl):
-    rng = np.random.default_rng(0)
-    q, k, w = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((2, 5, 2, 8), (2, 6, 8), (2, 5, 2)))
-    run = lambda k_len: np.sort(ops.indexer_topk(q, k, w, topk=4, k_len=k_len, impl=impl, interpret=True), axis=-1)
-    np.testing.assert_array_equal(run(3), run(jnp.array([3, 3])))
-    assert (run(3) < 3).all()
-
-
 def test_ops_reject_bad_input():
     q, k, w = (jnp.zeros(s) for s in ((1, 4, 2, 8), (1, 4, 8), (1, 4, 2)))
     with pytest.raises(ValueError, match="impl"):

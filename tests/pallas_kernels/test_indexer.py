@@ -173,3 +173,12 @@ def test_topk_kernel_equals_select_topk(s):
         q, k, w, topk=8, k_scale=k_scale, q_offset=s - 24, k_len=kl, chunk_size=8, topk_kernel=topk_kernel,
         interpret=True, block_t=4, block_s=128))
     np.testing.assert_array_equal(run(True), run(False))
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton", "mosaic"])
+def test_ops_indexer_topk_takes_a_scalar_k_len_for_every_sequence(impl):
+    rng = np.random.default_rng(0)
+    q, k, w = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((2, 5, 2, 8), (2, 6, 8), (2, 5, 2)))
+    run = lambda k_len: np.sort(ops.indexer_topk(q, k, w, topk=4, k_len=k_len, impl=impl, interpret=True), axis=-1)
+    np.testing.assert_array_equal(run(3), run(jnp.array([3, 3])))
+    assert (run(3) < 3).all()
