@@ -11,6 +11,8 @@
 #                                            top-k kernel, value-split forward, split-dkv backward, ...): decode 120 s,
 #                                            decode attention 120 s, prefill 220 s, backward 110 s caps, at most 9.5
 #                                            minutes
+#   bash experiments/gpu_check.sh fuzz       the compiled Triton kernels on random odd-sized cases and random tiles against
+#                                            their references (experiments/fuzz_kernels.py; 10 per kernel, 180 s cap)
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 PART=${1:-all}
@@ -61,4 +63,10 @@ if [[ $PART == all || $PART == kernels || $PART == sweep ]]; then
   echo "== sparse MLA backward: check against the reference VJP, then time (its own cap: a slow prefill part cannot cut it) =="
   timeout ${caps[3]} python3 -m experiments.bench_kernels --parts=backward "${tiles[@]}" \
     --out="$OUT/bench_kernels_backward.json" 2>&1 | quiet | tee "$OUT/bench_kernels_backward.log"
+fi
+
+if [[ $PART == fuzz ]]; then
+  echo "== random cases: compiled Triton kernels vs their references =="
+  timeout 180 python3 -m experiments.fuzz_kernels --impls=triton --cases=10 --out="$OUT/fuzz_kernels.json" \
+    2>&1 | quiet | tee "$OUT/fuzz_kernels.log" | tail -40
 fi
