@@ -16,6 +16,10 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 PART=${1:-all}
+case $PART in
+  all|model|kernels|sweep|fuzz) ;;
+  *) echo "gpu_check.sh: unknown part '$PART' (expected all, model, kernels, sweep or fuzz)" >&2; exit 2 ;;
+esac
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} DEEPSEEK_JAX_COMPILE_CACHE=/tmp/jax_cache
 nvidia-smi -L
