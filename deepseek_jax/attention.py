@@ -65,11 +65,13 @@ def _expand_values(o_latent, kv_b, nope_dim):
     return jnp.einsum("BTHC,CHV->BTHV", o_latent, w_uv, preferred_element_type=jnp.float32).astype(o_latent.dtype)
 
 
-def sparse_mla_absorbed(q_nope, q_rope, c_kv, k_rope, kv_b, indices, *, scale, nope_dim, chunk_size, impl="auto"):
-    """Absorbed-mode attention over the selected rows; -> [B, T, H, V]."""
+def sparse_mla_absorbed(q_nope, q_rope, c_kv, k_rope, kv_b, indices, *, scale, nope_dim, chunk_size, impl="auto",
+                        unique_indices=False):
+    """Absorbed-mode attention over the selected rows; -> [B, T, H, V]. unique_indices: see `ops.sparse_mla`."""
     q = _absorb_query(q_nope, q_rope, kv_b, nope_dim)
     kv = jnp.concatenate([c_kv, k_rope.astype(c_kv.dtype)], axis=-1)
-    o_latent = ops.sparse_mla(q, kv, indices, scale=scale, v_dim=c_kv.shape[-1], chunk_size=chunk_size, impl=impl)
+    o_latent = ops.sparse_mla(q, kv, indices, scale=scale, v_dim=c_kv.shape[-1], chunk_size=chunk_size, impl=impl,
+                              unique_indices=unique_indices)
     return _expand_values(o_latent, kv_b, nope_dim)
 
 
@@ -82,8 +84,9 @@ def mla_attention(q_nope, q_rope, c_kv, k_rope, kv_b, index_inputs, *, cfg, mode
     index_q, index_k, index_w, index_k_scale = index_inputs
     indices = ops.indexer_topk(index_q, index_k, index_w, k_scale=index_k_scale, topk=cfg.index_topk,
                                chunk_size=cfg.attention_chunk_size, impl=cfg.attention_impl)
+    # The indexer's top-k never selects a key twice.
     out = sparse_mla_absorbed(q_nope, q_rope, c_kv, k_rope, kv_b, indices, scale=scale, nope_dim=nope,
-                              chunk_size=cfg.attention_chunk_size, impl=cfg.attention_impl)
+                              chunk_size=cfg.attention_chunk_size, impl=cfg.attention_impl, unique_indices=True)
     return out, indices
 
 

@@ -183,14 +183,18 @@ def _zero_vjp_call_bwd(fn, primals, _):
 _zero_vjp_call.defvjp(_zero_vjp_call_fwd, _zero_vjp_call_bwd)
 
 
-def sparse_mla(q, kv, indices, *, scale, v_dim=512, impl="auto", interpret=False, chunk_size=256):
+def sparse_mla(q, kv, indices, *, scale, v_dim=512, impl="auto", interpret=False, chunk_size=256,
+               unique_indices=False):
     """Attention over the selected latent rows.
 
     q [B, T, H, Dqk], kv [B, S, Dqk], indices [B, T, K] (-1 = unused; so is any index outside [0, S), as in
     FlashMLA) -> [B, T, H, v_dim], the values being kv[..., :v_dim]; softmax over the selected rows only (a row
     a query selects twice counts twice, in the output and in the gradients). Differentiable in q and kv
     (the kernels' backward kernel; the reference by autodiff). `impl` and `interpret`: see the
-    module docstring; chunk_size tiles the reference.
+    module docstring; chunk_size tiles the reference. unique_indices=True promises that no query
+    repeats a row (the indexer's top-k): the Mosaic backward then skips sorting each query's indices
+    to merge repeats (`pallas_kernels/sparse_mla/mosaic.py`), and a repeated row's dkv is undefined,
+    as with JAX's scatter flag of that name; the other implementations are exact either way.
     """
     kernel, interpret = _kernel(impl, interpret)
     if q.ndim != 4 or kv.ndim != 3 or indices.ndim != 3:
@@ -201,7 +205,7 @@ def sparse_mla(q, kv, indices, *, scale, v_dim=512, impl="auto", interpret=False
         raise ValueError(f"sparse_mla: indices: expected an integer dtype, got {indices.dtype}")
     indices = _in_range(indices, kv.shape[1])
     if kernel is not None:
-        return _sparse_mla_kernel(q, kv, indices, scale, v_dim, kernel, interpret)
+        return _sparse_mla_kernel(q, kv, indices, scale, v_dim, kernel, interpret, bool(unique_indices))
     return sparse_mla_reference(q, kv, indices, scale=scale, v_dim=v_dim, chunk_size=chunk_size)
 
 
@@ -212,21 +216,23 @@ def _in_range(indices, num_rows):
     return jnp.where((indices >= 0) & (indices < num_rows), indices, -1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _sparse_mla_kernel(q, kv, indices, scale, v_dim, kernel, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _sparse_mla_kernel(q, kv, indices, scale, v_dim, kernel, interpret, unique_indices):
     return _SPARSE_MLA_KERNELS[kernel].sparse_mla_fwd(q, kv, indices, scale=scale, v_dim=v_dim, interpret=interpret)[0]
 
 
-def _sparse_mla_kernel_fwd(q, kv, indices, scale, v_dim, kernel, interpret):
+def _sparse_mla_kernel_fwd(q, kv, indices, scale, v_dim, kernel, interpret, unique_indices):
     out, lse = _SPARSE_MLA_KERNELS[kernel].sparse_mla_fwd(q, kv, indices, scale=scale, v_dim=v_dim,
                                                           interpret=interpret)
     return out, (q, kv, indices, out, lse)
 
 
-def _sparse_mla_kernel_bwd(scale, v_dim, kernel, interpret, residuals, g):
+def _sparse_mla_kernel_bwd(scale, v_dim, kernel, interpret, unique_indices, residuals, g):
     q, kv, indices, out, lse = residuals
+    # Only the Mosaic backward merges repeated rows (the Triton one adds each slot atomically).
+    merge = {"unique_indices": unique_indices} if kernel == "mosaic" else {}
     dq, dkv = _SPARSE_MLA_KERNELS[kernel].sparse_mla_bwd(q, kv, indices, out, lse, g, scale=scale, v_dim=v_dim,
-                                                         interpret=interpret)
+                                                         interpret=interpret, **merge)
     return dq, dkv, None
 
 

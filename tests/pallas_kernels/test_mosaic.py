@@ -63,12 +63,14 @@ def test_sparse_mla_kernels_match_reference(case, block_k, dtype, tol, grad_tol)
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=grad_tol * scale, rtol=grad_tol)
 
 
-def test_ops_sparse_mla_gradient_on_the_mosaic_path():
+@pytest.mark.parametrize("unique_indices", [False, True])
+def test_ops_sparse_mla_gradient_on_the_mosaic_path(unique_indices):
+    """Either backward input: each query's rows sorted and merged, or (unique_indices, the model's) as they are."""
     # ONE_BLOCK's shapes and the default tiles: the kernels compiled by the test above are reused.
     q, kv, idx = random_case(3, *ONE_BLOCK, jnp.float32)
     cot = jnp.asarray(np.random.default_rng(4).normal(size=q.shape[:3] + (ONE_BLOCK[4],)), jnp.float32)
     loss = lambda q_, kv_: jnp.sum(ops.sparse_mla(q_, kv_, idx, scale=0.2, v_dim=ONE_BLOCK[4], impl="mosaic",
-                                                  interpret=True) * cot)
+                                                  interpret=True, unique_indices=unique_indices) * cot)
     got = jax.grad(loss, argnums=(0, 1))(q, kv)
     _, want = reference_and_vjp(q, kv, idx, cot, v_dim=ONE_BLOCK[4])
     for g, w in zip(got, want):
