@@ -187,10 +187,10 @@ def sparse_mla(q, kv, indices, *, scale, v_dim=512, impl="auto", interpret=False
                unique_indices=False):
     """Attention over the selected latent rows.
 
-    q [B, T, H, Dqk], kv [B, S, Dqk], indices [B, T, K] (-1 = unused; so is any index outside [0, S), as in
-    FlashMLA) -> [B, T, H, v_dim], the values being kv[..., :v_dim]; softmax over the selected rows only (a row
-    a query selects twice counts twice, in the output and in the gradients). Differentiable in q and kv
-    (the kernels' backward kernel; the reference by autodiff). `impl` and `interpret`: see the
+    q [B, T, H, Dqk], kv [B, S, Dqk], indices [B, T, K] (-1 = unused; so is any index outside [0, S),
+    as in FlashMLA) -> [B, T, H, v_dim], the values being kv[..., :v_dim]; softmax over the selected
+    rows only (a row a query selects twice counts twice, in the output and in the gradients).
+    Differentiable in q and kv (the kernels' backward kernel; the reference by autodiff). `impl` and `interpret`: see the
     module docstring; chunk_size tiles the reference. unique_indices=True promises that no query
     repeats a row (the indexer's top-k): the Mosaic backward then skips sorting each query's indices
     to merge repeats (`pallas_kernels/sparse_mla/mosaic.py`), and a repeated row's dkv is undefined,
@@ -245,8 +245,8 @@ def sparse_mla_decode(q, kv_cache, layer, indices, *, scale, v_dim=512, impl="au
     q [B, T, H, D] (the absorbed queries; T = 1 in decode, 1 + drafts in speculative verification),
     kv_cache [L, B, S, D] (the model cache's `kv`, bf16 or float32), layer: int32 scalar (may be
     traced; must lie in [0, L)), indices [B, T, K] int32 (rows of kv_cache[layer, b]; -1, or any index
-    outside [0, S), = unused) -> [B, T, H, v_dim] in q's dtype: `sparse_mla` of q over kv_cache[layer] (softmax over the
-    selected rows only, in float32; a query with no selected row gives zeros). The kernels read the
+    outside [0, S), = unused) -> [B, T, H, v_dim] in q's dtype: `sparse_mla` of q over kv_cache[layer]
+    (softmax over the selected rows only, in float32; a query with no selected row gives zeros). The kernels read the
     rows in place from the cache (no gathered [B, T·K, D] copy, no copy of the layer); the
     reference gathers them. `impl` and `interpret`: see the module docstring.
 
