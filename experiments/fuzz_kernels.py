@@ -1,7 +1,10 @@
 """Random cases of the DSA kernels against their pure-JAX references: odd sizes, random tiles and masks.
 
-    python -m experiments.fuzz_kernels [--kernels=indexer,indexer_decode,sparse_mla,sparse_mla_decode]
-        [--impls=triton,mosaic] [--cases=20] [--seed=0] [--out=fuzz_kernels.json]
+    python -m experiments.fuzz_kernels [--fuzz_kernels=indexer,indexer_decode,sparse_mla,sparse_mla_decode]
+        [--fuzz_impls=triton,mosaic] [--fuzz_cases=20] [--fuzz_seed=0] [--fuzz_out=fuzz_kernels.json]
+
+(The flags carry a prefix because tests import this module beside other binaries, and absl refuses a
+flag name defined twice.)
 
 Each case draws sizes that are multiples of no block (T, S, K, heads, head dims), masks (causal
 offsets, negative ones included, per-sequence and per-query key limits, S < topk, unused and
@@ -47,11 +50,11 @@ from pallas_kernels.sparse_mla.triton_decode import sparse_mla_decode_triton
 
 KERNELS = ("indexer", "indexer_decode", "sparse_mla", "sparse_mla_decode")
 IMPLS = ("triton", "mosaic")
-_KERNELS = flags.DEFINE_list("kernels", list(KERNELS), f"kernels to check: {KERNELS}")
-_IMPLS = flags.DEFINE_list("impls", list(IMPLS), f"lowerings to check: {IMPLS}")
-_CASES = flags.DEFINE_integer("cases", 20, "random cases per kernel and lowering")
-_SEED = flags.DEFINE_integer("seed", 0, "seed of the first case; case i of a kernel and lowering uses (seed, i)")
-_OUT = flags.DEFINE_string("out", "fuzz_kernels.json", "JSON output path")
+_KERNELS = flags.DEFINE_list("fuzz_kernels", list(KERNELS), f"kernels to check: {KERNELS}")
+_IMPLS = flags.DEFINE_list("fuzz_impls", list(IMPLS), f"lowerings to check: {IMPLS}")
+_CASES = flags.DEFINE_integer("fuzz_cases", 20, "random cases per kernel and lowering")
+_SEED = flags.DEFINE_integer("fuzz_seed", 0, "seed of the first case; case i of a kernel and lowering uses (seed, i)")
+_OUT = flags.DEFINE_string("fuzz_out", "fuzz_kernels.json", "JSON output path")
 
 SCORE_TIE = 1e-4
 
@@ -235,7 +238,7 @@ def run(kernels, impls, cases, seed):
 
 def main(argv):
     del argv
-    for name, values, known in (("kernels", _KERNELS.value, KERNELS), ("impls", _IMPLS.value, IMPLS)):
+    for name, values, known in (("fuzz_kernels", _KERNELS.value, KERNELS), ("fuzz_impls", _IMPLS.value, IMPLS)):
         if not set(values) <= set(known):
             raise app.UsageError(f"--{name}: expected some of {known}, got {values}")
     results = run(_KERNELS.value, _IMPLS.value, _CASES.value, _SEED.value)

@@ -71,6 +71,6 @@ fi
 
 if [[ $PART == fuzz ]]; then
   echo "== random cases: compiled Triton kernels vs their references =="
-  timeout 180 python3 -m experiments.fuzz_kernels --impls=triton --cases=10 --out="$OUT/fuzz_kernels.json" \
-    2>&1 | quiet | tee "$OUT/fuzz_kernels.log" | tail -40
+  timeout 180 python3 -m experiments.fuzz_kernels --fuzz_impls=triton --fuzz_cases=10 \
+    --fuzz_out="$OUT/fuzz_kernels.json" 2>&1 | quiet | tee "$OUT/fuzz_kernels.log" | tail -40
 fi

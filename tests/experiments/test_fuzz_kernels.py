@@ -44,8 +44,9 @@ def test_a_random_case_of_every_kernel_and_lowering():
 
 def test_command_line(tmp_path):
     out = tmp_path / "fuzz.json"
-    proc = subprocess.run([sys.executable, "-m", "experiments.fuzz_kernels", "--kernels=indexer_decode",
-                           "--impls=triton", "--cases=2", "--seed=3", f"--out={out}"], cwd=ROOT, check=False,
+    flags = ["--fuzz_kernels=indexer_decode", "--fuzz_impls=triton", "--fuzz_cases=2", "--fuzz_seed=3",
+             f"--fuzz_out={out}"]
+    proc = subprocess.run([sys.executable, "-m", "experiments.fuzz_kernels", *flags], cwd=ROOT, check=False,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "indexer_decode     triton  interpreted      2    2    0     0" in proc.stdout

@@ -6,5 +6,5 @@ import importlib
 
 
 def test_imported_binaries_coexist():
-    for name in ("convert", "sample", "plan_memory", "pretrain", "rl"):
+    for name in ("convert", "sample", "plan_memory", "pretrain", "rl", "fuzz_kernels"):
         importlib.import_module(f"experiments.{name}")
