@@ -77,6 +77,12 @@ def implementation(impl: str = "auto") -> str:
         return "reference"
     return kernel + (" (interpreted)" if interpret else "")
 
+def _empty(batch_and_queries, num_keys):
+    """No batch row, query or key: the result is known (every slot -1, or zero attention) and nothing runs; the
+    kernels' grids and the references' chunking assume at least one of each."""
+    return 0 in (*batch_and_queries, num_keys)
+
+
 def _check_topk(name, topk):
     if not isinstance(topk, (int, np.integer)) or isinstance(topk, bool) or topk < 1:
         raise ValueError(f"{name}: topk: expected a positive int, got {topk!r}")
@@ -108,6 +114,8 @@ def indexer_topk(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, impl="a
             raise ValueError(f"indexer_topk: k_len: expected a scalar or [B] = {k.shape[:1]}, got shape "
                              f"{jnp.shape(k_len)} (per-query key limits: indexer_topk_decode)")
         k_len = jnp.broadcast_to(jnp.asarray(k_len, jnp.int32), k.shape[:1])
+    if _empty(q.shape[:2], k.shape[1]):
+        return jnp.full(q.shape[:2] + (topk,), -1, jnp.int32)
     # Indices carry no gradient; stopping it here keeps autodiff out of the kernel.
     q, k, w = jax.lax.stop_gradient((q, k, w))
     if kernel is not None:
@@ -147,6 +155,8 @@ def indexer_topk_decode(q, k_cache, w, layer, k_len, *, topk, k_scale=None, impl
         raise ValueError(f"indexer_topk_decode: layer: expected a scalar, got shape {jnp.shape(layer)}")
     if isinstance(layer, (int, np.integer)) and not 0 <= layer < k_cache.shape[0]:
         raise ValueError(f"indexer_topk_decode: layer: expected 0 <= layer < {k_cache.shape[0]}, got {layer}")
+    if _empty(q.shape[:2], k_cache.shape[2]):
+        return jnp.full(q.shape[:2] + (topk,), -1, jnp.int32)
     layer, k_len = jnp.asarray(layer, jnp.int32), jnp.asarray(k_len, jnp.int32)
     q, k_cache, w = jax.lax.stop_gradient((q, k_cache, w))
     if kernel is not None:
@@ -203,6 +213,8 @@ def sparse_mla(q, kv, indices, *, scale, v_dim=512, impl="auto", interpret=False
         raise ValueError(f"sparse_mla: shapes disagree: q {q.shape}, kv {kv.shape}, indices {indices.shape}, v_dim {v_dim}")
     if not jnp.issubdtype(indices.dtype, jnp.integer):
         raise ValueError(f"sparse_mla: indices: expected an integer dtype, got {indices.dtype}")
+    if _empty(q.shape[:2], kv.shape[1]):
+        return jnp.zeros(q.shape[:3] + (v_dim,), q.dtype)
     indices = _in_range(indices, kv.shape[1])
     if kernel is not None:
         return _sparse_mla_kernel(q, kv, indices, scale, v_dim, kernel, interpret, bool(unique_indices))
@@ -271,6 +283,8 @@ def sparse_mla_decode(q, kv_cache, layer, indices, *, scale, v_dim=512, impl="au
         raise ValueError(f"sparse_mla_decode: layer: expected a scalar, got shape {jnp.shape(layer)}")
     if isinstance(layer, (int, np.integer)) and not 0 <= layer < kv_cache.shape[0]:
         raise ValueError(f"sparse_mla_decode: layer: expected 0 <= layer < {kv_cache.shape[0]}, got {layer}")
+    if _empty(q.shape[:2], kv_cache.shape[2]):
+        return jnp.zeros(q.shape[:3] + (v_dim,), q.dtype)
     layer, indices = jnp.asarray(layer, jnp.int32), _in_range(indices, kv_cache.shape[2])
     if kernel is not None:
         decode_fn = (sparse_mla_mosaic_decode.sparse_mla_decode_mosaic if kernel == "mosaic"
