@@ -23,6 +23,7 @@ query selects twice lost a gradient: the Mosaic backward, the Triton one interpr
 
 import collections
 import json
+import math
 import time
 
 import jax
@@ -150,11 +151,17 @@ def indexer_decode_case(rng, impl):
     return dict(layers=layers, b=b, t=t, s=s, h=h, d=d, topk=topk, layer=layer, dtype=q.dtype.name, **tiles)
 
 
-def _attention_inputs(rng, shape_q, shape_kv, indices_shape, s):
-    """(q, kv, indices): normal q, kv in a random float dtype; indices in [0, s) (rows repeat) with ~20 % -1."""
+def _attention_inputs(rng, shape_q, shape_kv, indices_shape, s, unique=False):
+    """(q, kv, indices): normal q, kv in a random float dtype; indices in [0, s) with ~20 % -1, rows repeating
+    within a query unless unique (then each query's rows are distinct, -1 past the s rows there are)."""
     dtype = _pick(rng, jnp.float32, jnp.bfloat16)
     q, kv = (jnp.asarray(rng.normal(size=shape), dtype) for shape in (shape_q, shape_kv))
-    idx = rng.integers(0, s, size=indices_shape)
+    if unique:
+        k = indices_shape[-1]
+        idx = np.stack([np.pad(rng.permutation(s)[:k], (0, max(0, k - s)), constant_values=-1)
+                        for _ in range(math.prod(indices_shape[:-1]))]).reshape(indices_shape)
+    else:
+        idx = rng.integers(0, s, size=indices_shape)
     return q, kv, jnp.asarray(np.where(rng.random(size=idx.shape) < 0.2, -1, idx), jnp.int32)
 
 
@@ -167,7 +174,9 @@ def sparse_mla_case(rng, impl):
     b, t, s = _sizes(rng, 3, 6, 300)
     h, v, r = _pick(rng, 1, 3, 16, 33), _pick(rng, 16, 32, 40, 64), _pick(rng, 8, 16, 24)
     k = _pick(rng, 1, 20, 64, 129, 300)
-    q, kv, idx = _attention_inputs(rng, (b, t, h, v + r), (b, s, v + r), (b, t, k), s)
+    # Now and then distinct rows per query, which the Mosaic backward may then take as they are (the model's form).
+    unique = rng.random() < 0.3
+    q, kv, idx = _attention_inputs(rng, (b, t, h, v + r), (b, s, v + r), (b, t, k), s, unique=unique)
     scale = 0.15
     if impl == "triton":
         tiles = {"block_h": _pick(rng, 16, 32), "block_k": _pick(rng, 16, 32), "head_major": _pick(rng, False, True)}
@@ -175,7 +184,8 @@ def sparse_mla_case(rng, impl):
         bwd_tiles = tiles | {"split_dkv": _pick(rng, False, True)}
         kernels = mla_triton
     else:
-        fwd_tiles = bwd_tiles = {"block_k": _pick(rng, 128, 256)}
+        fwd_tiles = {"block_k": _pick(rng, 128, 256)}
+        bwd_tiles = fwd_tiles | {"unique_indices": unique}
         kernels = mla_mosaic
     interpret = _interpret(impl)
     out, lse = kernels.sparse_mla_fwd(q, kv, idx, scale=scale, v_dim=v, **fwd_tiles, interpret=interpret)
