@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from pallas_kernels import ops
 from pallas_kernels.indexer.mosaic import SELECTIONS, indexer_topk_mosaic
 from pallas_kernels.indexer.mosaic_decode import indexer_topk_decode_mosaic
 from pallas_kernels.indexer.reference import (
@@ -70,8 +71,8 @@ def _sizes(rng, *ends):
 
 
 def _interpret(impl):
-    """Compiled on the lowering's accelerator, interpreted elsewhere."""
-    return jax.default_backend() != {"triton": "gpu", "mosaic": "tpu"}[impl]
+    """Compiled on the lowering's accelerator, interpreted elsewhere (`ops.implementation`'s answer)."""
+    return ops.implementation(impl).endswith("(interpreted)")
 
 
 def _indexer_inputs(rng, shape_q, shape_k, fp8):
@@ -84,7 +85,7 @@ def _indexer_inputs(rng, shape_q, shape_k, fp8):
     return q, k, w, k_scale
 
 
-def check_selection(got, want, scores, limits):
+def assert_same_keys(got, want, scores, limits):
     """Raises AssertionError unless got [B, T, K] selects want's keys (up to score ties) under the limits [B, T]."""
     got, want = np.asarray(got), np.asarray(want)
     assert got.shape == want.shape, f"shape {got.shape} vs the reference's {want.shape}"
@@ -127,7 +128,7 @@ def indexer_case(rng, impl):
     want = indexer_topk_reference(q, k, w, **inputs)
     limits = np.minimum(np.arange(t)[None, :] + q_offset + 1, np.full((b, 1), s) if k_len is None
                         else np.minimum(np.asarray(k_len), s)[:, None])
-    check_selection(got, want, np.asarray(indexer_scores(q, k, w, k_scale)), limits)
+    assert_same_keys(got, want, np.asarray(indexer_scores(q, k, w, k_scale)), limits)
     return dict(b=b, t=t, s=s, h=h, d=d, topk=topk, q_offset=q_offset, k_len=k_len is not None, dtype=q.dtype.name,
                 **tiles)
 
@@ -147,7 +148,7 @@ def indexer_decode_case(rng, impl):
     got = kernel(q, k_cache, w, layer, k_len, topk=topk, k_scale=k_scale, **tiles, interpret=_interpret(impl))
     want = indexer_topk_decode_reference(q, k_cache, w, layer, k_len, topk=topk, k_scale=k_scale)
     scores = indexer_scores(q, k_cache[layer], w, None if k_scale is None else k_scale[layer])
-    check_selection(got, want, np.asarray(scores), np.minimum(np.asarray(k_len), s))
+    assert_same_keys(got, want, np.asarray(scores), np.minimum(np.asarray(k_len), s))
     return dict(layers=layers, b=b, t=t, s=s, h=h, d=d, topk=topk, layer=layer, dtype=q.dtype.name, **tiles)
 
 

@@ -68,7 +68,6 @@ def _kernel(impl, interpret):
     return impl, bool(interpret) or not compiles
 
 
-
 def implementation(impl: str = "auto") -> str:
     """What `impl` runs on this backend: "reference", "triton" or "mosaic", with " (interpreted)"
     for a kernel that cannot compile here (what a model with `attention_impl=impl` uses)."""
@@ -76,6 +75,7 @@ def implementation(impl: str = "auto") -> str:
     if kernel is None:
         return "reference"
     return kernel + (" (interpreted)" if interpret else "")
+
 
 def _empty(batch_and_queries, num_keys):
     """No batch row, query or key: the result is known (every slot -1, or zero attention) and nothing runs; the

@@ -26,9 +26,9 @@ LIMITS = np.array([[4]])                          # key 4 is past the query's li
     ([1, 4, -1], "past the limit"),
     ([1, -1, -1], "1 keys, the reference 2"),
 ])
-def test_check_selection(got, message):
+def test_assert_same_keys(got, message):
     want = np.array([[[1, 0, -1]]])
-    check = lambda: fuzz_kernels.check_selection(np.array([[got]]), want, SCORES, LIMITS)
+    check = lambda: fuzz_kernels.assert_same_keys(np.array([[got]]), want, SCORES, LIMITS)
     if message is None:
         check()
     else:
