@@ -1,24 +1,19 @@
 """Test-wide setup: 8 simulated CPU devices, fast compiles, a persistent compilation cache, slow
 files first.
 
-XLA_FLAGS must be set before JAX initialises its backends, hence here at the repo root.
-Test shapes are tiny, so XLA:CPU's backend optimisation buys nothing and costs ~3x in
-compile time (mostly the random initialisers); level 0 keeps the suite fast, and XLA:CPU's
-older loop emitters compile the tiny model's train step in ~60 % of the time its fusion
-emitters take (12-15 s vs 20 s, same HLO, 2 cores). XLA:CPU aborts a
-collective whose 8 device threads do not all arrive within 40 s; on 2 busy cores (xdist) the
-sharded tests' threads can lag that long, so the limit is raised.
+XLA_FLAGS must be set before JAX initialises its backends, hence here at the repo root
+(`tests/xla_flags.py`: tiny shapes compile fastest with no backend optimisation; on 2 busy
+cores (xdist) the sharded tests' device threads can lag past XLA:CPU's 40 s collective limit).
 """
 
 import os
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-_FLAGS = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-          "--xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false "
-          "--xla_cpu_collective_call_terminate_timeout_seconds=900 --xla_cpu_collective_call_warn_stuck_timeout_seconds=300")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAGS).strip()
+from tests.xla_flags import fast_cpu_flags
 
-import jax  # noqa: E402
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + fast_cpu_flags(8)).strip()
+
+import jax
 
 _cache = os.environ.get("DEEPSEEK_JAX_COMPILE_CACHE", os.path.join(os.path.dirname(__file__), ".jax_cache"))
 jax.config.update("jax_compilation_cache_dir", _cache)

@@ -51,6 +51,7 @@ from pallas_kernels.indexer.triton_decode import indexer_scores_decode_triton
 from pallas_kernels.sparse_mla.triton import sparse_mla_bwd, sparse_mla_fwd
 from pallas_kernels.sparse_mla.triton_decode import sparse_mla_decode_triton
 from pallas_kernels.topk_triton import select_topk_triton
+from pallas_kernels.triton_lowering import TRITON_CALL, export_for_cuda
 
 _KERNEL_NAMES = ("indexer", "indexer_fp8", "topk", "decode_indexer", "sparse_mla_fwd", "sparse_mla_bwd", "decode_mla")
 _KERNELS = flags.DEFINE_list("kernels", list(_KERNEL_NAMES), f"kernels to check: {_KERNEL_NAMES}")
@@ -84,11 +85,10 @@ def triton_kernels(fn, *args):
     """[(Triton IR text, num_warps, num_stages)] of the pallas_calls in fn(*args), lowered for CUDA (tracing only:
     nothing runs). The warps and stages are the ones the kernel passes, read from its custom call."""
     with _captured_triton_ir() as modules:
-        exported = jax.export.export(jax.jit(fn), platforms=("cuda",), disabled_checks=[
-            jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+        exported = export_for_cuda(fn, args)
     calls = {}
     for line in exported.mlir_module().splitlines():
-        if "__gpu$xla.gpu.triton" in line:
+        if TRITON_CALL in line:
             name = re.search(r'name = "(\w+)"', line).group(1)
             calls[name] = tuple(int(re.search(rf"{key} = (\d+)", line).group(1)) for key in ("num_warps", "num_stages"))
     return [(ir, *calls[re.search(r"tt\.func public @(\w+)", ir).group(1)]) for ir in modules]

@@ -35,8 +35,13 @@ for the life of the process. Fix 3 wraps the atomic primitive's discharge rule (
 `jax._src.state.discharge._discharge_rules`) for the process: interpreted, an atomic add at
 gathered indices is a scatter-add whatever the kernel. tests/pallas_kernels/test_triton_lowering.py
 checks that the three take effect; `experiments/triton_static.py` shows the SASS effect of 1 and 2.
+
+`export_for_cuda` runs the lowering on a machine with no GPU (tests, `triton_static`): Pallas asks the
+device for its compute capability, and from JAX 0.11 finds none unless an abstract mesh names one
+(0.10 assumed 9.0), so it names an H200.
 """
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax._src.lib.mlir import ir
@@ -46,6 +51,7 @@ from jax._src.pallas.triton import primitives as triton_primitives
 from jax._src.state import discharge as state_discharge
 from jax._src.state import indexing
 
+TRITON_CALL = "__gpu$xla.gpu.triton"  # the custom call target a Pallas Triton kernel lowers to
 PROMOTION_INTERVAL = 128  # fp8 products summed in the tensor core before each float32 add
 
 _FP8 = (jnp.float8_e4m3fn, jnp.float8_e5m2)
@@ -91,15 +97,18 @@ def _relaxed_add_rule(rule):
 
 
 def _exact_add_discharge(rule):
-    def discharge(in_avals, out_avals, *args_flat, args_tree, atomic_type):
+    # The rule's leading arguments changed across JAX releases ((in_avals, out_avals) in 0.10, a ctx in
+    # 0.11): the operands are the last num_leaves positional arguments, and one output per operand is due.
+    def discharge(*args, args_tree, atomic_type):
+        args_flat = args[len(args) - args_tree.num_leaves:]
         ref, transforms, val, mask = args_tree.unflatten(args_flat)
         gathered = (atomic_type == triton_primitives.AtomicOpType.ADD and mask is None and len(transforms) == 1
                     and isinstance(transforms[0], indexing.NDIndexer)
                     and not any(isinstance(i, indexing.Slice) for i in transforms[0].indices))
         if not gathered:  # slices cannot repeat an element: the rule as JAX has it
-            return rule(in_avals, out_avals, *args_flat, args_tree=args_tree, atomic_type=atomic_type)
+            return rule(*args, args_tree=args_tree, atomic_type=atomic_type)
         idx = transforms[0].indices
-        return (ref.at[idx].add(val),) + (None,) * (len(in_avals) - 1), ref[idx]
+        return (ref.at[idx].add(val),) + (None,) * (len(args_flat) - 1), ref[idx]
 
     return discharge
 
@@ -136,3 +145,12 @@ def exact_interpreted_atomic_adds():
         raise NotImplementedError("pallas_kernels.triton_lowering (exact interpreted adds): JAX has no discharge "
                                   "rule for Pallas' atomic_rmw where one was expected")
     _wrap_once(rules, triton_primitives.atomic_rmw_p, _exact_add_discharge)
+
+
+def export_for_cuda(fn, args, device_kind="NVIDIA H200"):
+    """jax.export of jit(fn)(*args) for CUDA, here with or without a GPU: each pallas_call lowered to Triton IR
+    for device_kind (tracing only: nothing runs)."""
+    gpu = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("_",), abstract_device=gpu)):
+        return jax.export.export(jax.jit(fn), platforms=("cuda",),
+                                 disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*args)

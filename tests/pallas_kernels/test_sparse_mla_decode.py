@@ -27,7 +27,7 @@ from pallas_kernels import ops
 from pallas_kernels.sparse_mla.mosaic_decode import sparse_mla_decode_mosaic
 from pallas_kernels.sparse_mla.reference import sparse_mla_decode_reference
 from pallas_kernels.sparse_mla.triton_decode import sparse_mla_decode_triton
-from tests.pallas_kernels.test_triton_lowering import TRITON_CALL, export_for_cuda
+from pallas_kernels.triton_lowering import TRITON_CALL, export_for_cuda
 from tests.test_generate import random_params
 
 L, B, S, K, SCALE = 3, 2, 90, 23, 0.2

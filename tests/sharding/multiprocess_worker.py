@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sharding.mesh import initialize, make_mesh
+from tests.xla_flags import fast_cpu_flags
 
 
 def tiny_problem():
@@ -45,9 +46,7 @@ def sharded_loss(mesh_spec, preset):
 if __name__ == "__main__":
     # Before JAX's backends start (at first use, not at import): 4 CPU devices per process.
     os.environ["JAX_PLATFORMS"] = "cpu"
-    os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0 "
-                               "--xla_cpu_use_fusion_emitters=false "
-                               "--xla_cpu_collective_call_terminate_timeout_seconds=900")
+    os.environ["XLA_FLAGS"] = fast_cpu_flags(4)
     process_id, num_processes, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     initialize(f"localhost:{port}", num_processes, process_id)
     loss, grad_norm = sharded_loss("fsdp=2,expert=-1", "fsdp_ep")
