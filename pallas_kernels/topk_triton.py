@@ -87,13 +87,14 @@ def _kth_key(load, nblocks, kk, bits):
     return jax.lax.fori_loop(0, bits, step, jnp.uint32(0))
 
 
-def _emit(load, nblocks, kk, o_ref):
-    """Writes the positions of the source's kk largest keys (ties: first in source order) in source order, then -1.
+def _emit(load, nblocks, kk, o_ref, k):
+    """Writes the positions of the source's kk largest keys (ties: first in source order) in source order, then -1
+    up to slot k.
 
     load(j) -> (keys [block] uint32, positions [block] int32) of block j, ascending positions,
     filler keys below MIN_FINITE_KEY (never selected).
     """
-    k = o_ref.shape[0] - 1  # the last entry is the dump slot
+    dump = o_ref.shape[0] - 1
     load, nblocks = _hoisted(load, nblocks)
     t = jnp.maximum(_kth_key(load, nblocks, kk, 32), MIN_FINITE_KEY)  # never select -inf or filler
     need = kk - _count(load, nblocks, lambda keys: keys > t)  # ties to take, first ones first
@@ -104,19 +105,24 @@ def _emit(load, nblocks, kk, o_ref):
         eq = (keys == t).astype(jnp.int32)
         take = (keys > t) | ((eq > 0) & (ties + jnp.cumsum(eq) - eq < need))
         slot = taken + jnp.cumsum(take.astype(jnp.int32)) - 1
-        plgpu.store(o_ref.at[jnp.where(take, slot, k)], pos, mask=take)
+        plgpu.store(o_ref.at[jnp.where(take, slot, dump)], pos, mask=take)
         return taken + jnp.sum(take.astype(jnp.int32)), ties + jnp.sum(eq)
 
     zero = jnp.int32(0)
     taken = body(0, (zero, zero))[0] if nblocks == 1 else jax.lax.fori_loop(0, nblocks, body, (zero, zero))[0]
-    out_block = min(next_pow2(k), BLOCK)
+    out_block = _out_block(k)
     for start in range(0, k, out_block):  # the slots past the selection (disjoint from the writes above)
         slots = start + _iota(out_block)
         plgpu.store(o_ref.at[pl.ds(start, out_block)], jnp.full((out_block,), -1, jnp.int32),
                     mask=(slots >= taken) & (slots < k))
 
 
-def _kernel(x_ref, o_ref, bkey_ref, bpos_ref, *, n, kk, block, plan, sample_block, buffer_block, interpret):
+def _out_block(k):
+    """Output slots per -1 store; the output holds whole blocks of them (`_emit`'s stores have static starts)."""
+    return min(next_pow2(k), BLOCK)
+
+
+def _kernel(x_ref, o_ref, bkey_ref, bpos_ref, *, n, k, kk, block, plan, sample_block, buffer_block, interpret):
     def row(j):  # keys and positions of row block j; -inf past n
         pos = j * block + _iota(block)
         x = plgpu.load(x_ref.at[pl.ds(j * block, block)], mask=pos < n, other=-jnp.inf)
@@ -124,7 +130,7 @@ def _kernel(x_ref, o_ref, bkey_ref, bpos_ref, *, n, kk, block, plan, sample_bloc
 
     row_blocks = -(-n // block)
     if plan is None:
-        _emit(row, row_blocks, kk, o_ref)
+        _emit(row, row_blocks, kk, o_ref, k)
         return
     rank, buffer = plan
 
@@ -163,11 +169,11 @@ def _kernel(x_ref, o_ref, bkey_ref, bpos_ref, *, n, kk, block, plan, sample_bloc
 
     @pl.when(exact)
     def _():
-        _emit(from_buffer, -(-buffer // buffer_block), kk, o_ref)
+        _emit(from_buffer, -(-buffer // buffer_block), kk, o_ref, k)
 
     @pl.when(jnp.logical_not(exact))
     def _():
-        _emit(row, row_blocks, kk, o_ref)
+        _emit(row, row_blocks, kk, o_ref, k)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "block", "max_block", "num_warps", "interpret"))
@@ -192,16 +198,21 @@ def select_topk_triton(scores, k, *, block=BLOCK, max_block=MAX_BLOCK, num_warps
     sample_block = min(next_pow2(-(-n // SAMPLE_STRIDE)), max_block)
     buffer_block = min(next_pow2(buffer), max_block)
     buffer_slots = -(-buffer // buffer_block) * buffer_block + 1  # + the dump slot
+    out_slots = -(-k // _out_block(k)) * _out_block(k) + 1
+    # A block read at a static start (a row of one block, loaded once) must lie inside the ref (JAX 0.12 checks):
+    # a row shorter than its block is padded with -inf to one block. Longer rows are read at traced starts, the
+    # tail masked.
     x = scores.reshape(-1, n).astype(jnp.float32)
+    x = jnp.pad(x, ((0, 0), (0, max(block - n, 0))), constant_values=-jnp.inf)
     rows = x.shape[0]
     row_spec = lambda width: pl.BlockSpec((None, width), lambda i: (i, 0))
     out, _, _ = pl.pallas_call(
-        functools.partial(_kernel, n=n, kk=kk, block=block, plan=plan, sample_block=sample_block,
+        functools.partial(_kernel, n=n, k=k, kk=kk, block=block, plan=plan, sample_block=sample_block,
                           buffer_block=buffer_block, interpret=interpret),
         grid=(rows,),
-        in_specs=[row_spec(n)],
-        out_specs=[row_spec(k + 1), row_spec(buffer_slots), row_spec(buffer_slots)],
-        out_shape=[jax.ShapeDtypeStruct((rows, k + 1), jnp.int32),
+        in_specs=[row_spec(x.shape[1])],
+        out_specs=[row_spec(out_slots), row_spec(buffer_slots), row_spec(buffer_slots)],
+        out_shape=[jax.ShapeDtypeStruct((rows, out_slots), jnp.int32),
                    jax.ShapeDtypeStruct((rows, buffer_slots), jnp.uint32),
                    jax.ShapeDtypeStruct((rows, buffer_slots), jnp.int32)],
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
