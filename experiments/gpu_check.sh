@@ -13,6 +13,9 @@
 #                                            minutes
 #   bash experiments/gpu_check.sh fuzz       the compiled Triton kernels on random odd-sized cases and random tiles against
 #                                            their references (experiments/fuzz_kernels.py; 10 per kernel, 180 s cap)
+# A 15-minute device budget (machine start included) holds 'sweep' (it times the default tiles too) and then 'fuzz',
+# as two calls; not 'kernels' and 'sweep' both. The CPU tests of these kernels pass on JAX 0.10.2, 0.11.2 (the H200
+# image's) and 0.12.0.1, but none of the changes since the last GPU run has run on a GPU.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 PART=${1:-all}
