@@ -24,8 +24,10 @@ where 15-way 4-bit passes would cost 15):
 Rows too short to sample (S < 2·buffer) take step 4 over the row directly.
 
 A masked scatter store writes no lane on the GPU, but interpret mode writes every lane (the
-masked ones with the old value), so masked lanes aim at a dump slot past the end of each output
-(buffer and out have one more entry than used) where they cannot collide with a real write.
+masked ones with the old value), so masked lanes aim at a dump slot, the last entry of the buffer
+and of out, where they cannot collide with a real write. Blocks at static starts lie inside their
+refs (JAX 0.12 checks at trace time): out holds whole blocks of -1 stores, and a row shorter than
+its block is padded to one.
 
 Not yet compiled by XLA or timed on a GPU. Offline for sm_90a (`experiments/triton_static.py`,
 [512, 64K], k = 2048): 128 registers per thread at 8 warps, no spills, 16 KiB of shared memory,
@@ -199,9 +201,8 @@ def select_topk_triton(scores, k, *, block=BLOCK, max_block=MAX_BLOCK, num_warps
     buffer_block = min(next_pow2(buffer), max_block)
     buffer_slots = -(-buffer // buffer_block) * buffer_block + 1  # + the dump slot
     out_slots = -(-k // _out_block(k)) * _out_block(k) + 1
-    # A block read at a static start (a row of one block, loaded once) must lie inside the ref (JAX 0.12 checks):
-    # a row shorter than its block is padded with -inf to one block. Longer rows are read at traced starts, the
-    # tail masked.
+    # A row of one block is read at a static start, so it is padded with -inf to the block (module docstring);
+    # longer rows are read at traced starts with the tail masked, not copied.
     x = scores.reshape(-1, n).astype(jnp.float32)
     x = jnp.pad(x, ((0, 0), (0, max(block - n, 0))), constant_values=-jnp.inf)
     rows = x.shape[0]

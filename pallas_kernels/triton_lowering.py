@@ -19,7 +19,7 @@ and one to how Pallas interprets them.
    relaxed, which compile to fire-and-forget REDs without barriers.
 
 3. Exact interpreted atomic adds. In interpret mode Pallas discharges an atomic add at gathered
-   (array) indices as `ref.at[idx].set(ref[idx] + val)` (JAX 0.10.2), so of several lanes adding
+   (array) indices as `ref.at[idx].set(ref[idx] + val)` (JAX 0.10.2 to 0.12.0.1), so of several lanes adding
    into the same element within one call only one lands; on a GPU each lane's add is its own atomic
    and all land. The sparse MLA backward adds a block of row gradients at the rows' indices, so a
    row selected twice by one query lost a gradient when interpreted (and only then).
