@@ -4,7 +4,7 @@ XLA aborts the process on a flag it does not know, and flags come and go between
 releases, so each version-bound flag is listed with the jaxlib releases that have it.
 """
 
-from importlib.metadata import version
+import jaxlib.version  # (no backend starts at import: the flags still apply)
 
 # XLA:CPU's older loop emitters compile the tiny model's train step in ~60 % of the time its
 # fusion emitters take (same HLO); jaxlib 0.11 dropped them, and the flag with them.
@@ -12,7 +12,7 @@ _LOOP_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
 
 
 def _jaxlib_before(major, minor):
-    return tuple(int(part) for part in version("jaxlib").split(".")[:2]) < (major, minor)
+    return tuple(int(part) for part in jaxlib.version.__version__.split(".")[:2]) < (major, minor)
 
 
 def fast_cpu_flags(device_count: int) -> str:
