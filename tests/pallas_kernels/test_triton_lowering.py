@@ -1,8 +1,9 @@
 """The Triton kernels lower for CUDA on this CPU machine, at V3.2-like shapes with the default tiles.
 
-`jax.export` for the "cuda" platform runs Pallas's Triton lowering (kernel body -> Triton IR,
-serialized into a `__gpu$xla.gpu.triton` custom call) without a GPU, so a primitive the
-lowering does not support fails here rather than on the device. Triton's own compilation to
+`jax.export` for the "cuda" platform (`triton_lowering.export_for_cuda`: for an H200, named by an
+abstract mesh since JAX 0.11) runs Pallas's Triton lowering (kernel body -> Triton IR, serialized
+into a `__gpu$xla.gpu.triton` custom call) without a GPU, so a primitive the lowering does not
+support fails here rather than on the device. Triton's own compilation to
 PTX and SASS (shared memory and register limits) is the triton_static smoke test's
 (tests/experiments/test_benchmarks.py), with pip's Triton rather than XLA's.
 Tracing only: nothing executes, so real sizes cost little.
