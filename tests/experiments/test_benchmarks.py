@@ -117,8 +117,7 @@ def test_triton_static_runs_the_ttir_passes_xla_runs(tmp_path):
         fwd, sd((1, 2, 64, 576), jnp.bfloat16), sd((1, 64, 576), jnp.bfloat16), sd((1, 2, 32), jnp.int32))
     path = tmp_path / "kernel.ttir"
     path.write_text(ttir)
-    optimized = triton_static._make_ttir(str(path), GPUTarget("cuda", 90, 32),
-                                         {"num_warps": warps, "num_stages": stages})
+    optimized = triton_static._make_ttir(str(path), GPUTarget("cuda", 90, 32), triton_static.compile_options(warps, stages))
     accumulator_adds = lambda ir: sum("arith.addf" in line and ": tensor<64x512xf32>" in line for line in ir.splitlines())
     assert (accumulator_adds(ttir), accumulator_adds(optimized)) == (1, 0)
 
