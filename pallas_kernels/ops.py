@@ -200,11 +200,12 @@ def sparse_mla(q, kv, indices, *, scale, v_dim=512, impl="auto", interpret=False
     q [B, T, H, Dqk], kv [B, S, Dqk], indices [B, T, K] (-1 = unused; so is any index outside [0, S),
     as in FlashMLA) -> [B, T, H, v_dim], the values being kv[..., :v_dim]; softmax over the selected
     rows only (a row a query selects twice counts twice, in the output and in the gradients).
-    Differentiable in q and kv (the kernels' backward kernel; the reference by autodiff). `impl` and `interpret`: see the
-    module docstring; chunk_size tiles the reference. unique_indices=True promises that no query
-    repeats a row (the indexer's top-k): the Mosaic backward then skips sorting each query's indices
-    to merge repeats (`pallas_kernels/sparse_mla/mosaic.py`), and a repeated row's dkv is undefined,
-    as with JAX's scatter flag of that name; the other implementations are exact either way.
+    Differentiable in q and kv (the kernels' backward kernel; the reference by autodiff). `impl` and
+    `interpret`: see the module docstring; chunk_size tiles the reference. unique_indices=True
+    promises that no query repeats a row (the indexer's top-k): the Mosaic backward then skips
+    sorting each query's indices to merge repeats (`pallas_kernels/sparse_mla/mosaic.py`), and a
+    repeated row's dkv is undefined, as with JAX's scatter flag of that name; the other
+    implementations are exact either way.
     """
     kernel, interpret = _kernel(impl, interpret)
     if q.ndim != 4 or kv.ndim != 3 or indices.ndim != 3:
