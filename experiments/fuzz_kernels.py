@@ -11,14 +11,20 @@ offsets, negative ones included, per-sequence and per-query key limits, S < topk
 repeated selected rows), dtypes (float32, bfloat16; fp8 e4m3 with per-key scales for the indexers)
 and the kernel's tiles (chunks, causal runs, key blocks, key loop, top-k kernel or selection, head
 and row blocks, value split, split dkv, launch order, decode splits), runs the kernel (compiled on
-its accelerator, interpreted elsewhere) and its reference, and checks
+its accelerator, interpreted elsewhere; a Triton kernel off GPU is also lowered for CUDA, which the
+interpreter never does: `triton_lowering.export_for_cuda`) and its reference, and checks
 - indexers: -1s only after the selected keys, no key twice, none past the query's limit, and the
   reference's set of keys, where a key in one set only must tie in score (1e-4) with one in the other;
 - attention: the output, and for the prefill kernels dq and dkv against the reference's VJP, within
   1e-4 (float32) or 3e-2 (bfloat16) of the largest reference value (5e-2 for bf16 gradients).
-One line per case, a table per kernel and impl, JSON with each case's parameters (the seed and the
-case number redraw it) and its error. Exit status 1 if any case failed. What it found first (a row a
-query selects twice lost a gradient: the Mosaic backward, the Triton one interpreted) is a test now.
+Every case runs under `jax.default_matmul_precision("highest")`: on a GPU a float32 dot at the default
+precision is TF32 (10-bit mantissa), in the kernels (Pallas' Triton lowering) as in XLA's reference,
+and 1e-4 holds only for IEEE float32 on both sides.
+One line per case, a table per kernel and impl, JSON with each case's parameters (drawn before the
+kernel runs, so a failing case has them too; the seed and the case number redraw it) and its error.
+Exit status 1 if any case failed. What it found (a row a query selects twice lost a gradient: the
+Mosaic backward, the Triton one interpreted; an fp8 decode cache of no whole key blocks did not
+lower for CUDA; float32 cases failed 1e-4 on the H200 under TF32) is in the tests now.
 """
 
 import collections
@@ -49,6 +55,7 @@ from pallas_kernels.sparse_mla.reference import (
     sparse_mla_reference,
 )
 from pallas_kernels.sparse_mla.triton_decode import sparse_mla_decode_triton
+from pallas_kernels.triton_lowering import export_for_cuda
 
 KERNELS = ("indexer", "indexer_decode", "sparse_mla", "sparse_mla_decode")
 IMPLS = ("triton", "mosaic")
@@ -73,6 +80,15 @@ def _sizes(rng, *ends):
 def _interpret(impl):
     """Compiled on the lowering's accelerator, interpreted elsewhere (`ops.implementation`'s answer)."""
     return ops.implementation(impl).endswith("(interpreted)")
+
+
+def _run_kernel(impl, kernel, *args, **kwargs):
+    """kernel(*args, **kwargs), compiled on its accelerator, else interpreted; a Triton kernel then also lowered for
+    CUDA first, so that a primitive its lowering lacks fails here too."""
+    interpret = _interpret(impl)
+    if impl == "triton" and interpret:
+        export_for_cuda(lambda *a: kernel(*a, **kwargs), args)
+    return kernel(*args, **kwargs, interpret=interpret)
 
 
 def _indexer_inputs(rng, shape_q, shape_k, fp8):
@@ -108,7 +124,7 @@ def _close(got, want, tol, name):
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=tol, atol=tol * scale, err_msg=name)
 
 
-def indexer_case(rng, impl):
+def indexer_case(rng, impl, params):
     b, t, s = _sizes(rng, 3, 70, 300)
     h, d, topk = _pick(rng, 1, 4, 5), _pick(rng, 16, 32), _pick(rng, 1, 7, 16, 33, 80)
     q_offset = _pick(rng, 0, 0, 5, s, -3)
@@ -123,17 +139,17 @@ def indexer_case(rng, impl):
         tiles = {"chunk_size": _pick(rng, 8, 16), "key_block": _pick(rng, 128, 256),
                  "selection": _pick(rng, *SELECTIONS)}
         kernel = indexer_topk_mosaic
+    params.update(b=b, t=t, s=s, h=h, d=d, topk=topk, q_offset=q_offset, k_len=k_len is not None, dtype=q.dtype.name,
+                  **tiles)
     inputs = {"topk": topk, "k_scale": k_scale, "q_offset": q_offset, "k_len": k_len}
-    got = kernel(q, k, w, **inputs, **tiles, interpret=_interpret(impl))
+    got = _run_kernel(impl, kernel, q, k, w, **inputs, **tiles)
     want = indexer_topk_reference(q, k, w, **inputs)
     limits = np.minimum(np.arange(t)[None, :] + q_offset + 1, np.full((b, 1), s) if k_len is None
                         else np.minimum(np.asarray(k_len), s)[:, None])
     assert_same_keys(got, want, np.asarray(indexer_scores(q, k, w, k_scale)), limits)
-    return dict(b=b, t=t, s=s, h=h, d=d, topk=topk, q_offset=q_offset, k_len=k_len is not None, dtype=q.dtype.name,
-                **tiles)
 
 
-def indexer_decode_case(rng, impl):
+def indexer_decode_case(rng, impl, params):
     layers, b, t, s = _sizes(rng, 4, 4, 4, 300)
     h, d, topk = _pick(rng, 1, 3, 4, 8), _pick(rng, 16, 32, 128), _pick(rng, 1, 7, 16, 33, 80)
     layer = int(rng.integers(layers))
@@ -145,11 +161,11 @@ def indexer_decode_case(rng, impl):
     else:
         tiles = {"selection": _pick(rng, *SELECTIONS)}
         kernel = indexer_topk_decode_mosaic
-    got = kernel(q, k_cache, w, layer, k_len, topk=topk, k_scale=k_scale, **tiles, interpret=_interpret(impl))
+    params.update(layers=layers, b=b, t=t, s=s, h=h, d=d, topk=topk, layer=layer, dtype=q.dtype.name, **tiles)
+    got = _run_kernel(impl, kernel, q, k_cache, w, layer, k_len, topk=topk, k_scale=k_scale, **tiles)
     want = indexer_topk_decode_reference(q, k_cache, w, layer, k_len, topk=topk, k_scale=k_scale)
     scores = indexer_scores(q, k_cache[layer], w, None if k_scale is None else k_scale[layer])
     assert_same_keys(got, want, np.asarray(scores), np.minimum(np.asarray(k_len), s))
-    return dict(layers=layers, b=b, t=t, s=s, h=h, d=d, topk=topk, layer=layer, dtype=q.dtype.name, **tiles)
 
 
 def _attention_inputs(rng, shape_q, shape_kv, indices_shape, s, unique=False):
@@ -171,7 +187,7 @@ def _tolerances(dtype):
     return (1e-4, 1e-4) if dtype == jnp.float32 else (3e-2, 5e-2)
 
 
-def sparse_mla_case(rng, impl):
+def sparse_mla_case(rng, impl, params):
     b, t, s = _sizes(rng, 3, 6, 300)
     h, v, r = _pick(rng, 1, 3, 16, 33), _pick(rng, 16, 32, 40, 64), _pick(rng, 8, 16, 24)
     k = _pick(rng, 1, 20, 64, 129, 300)
@@ -188,22 +204,19 @@ def sparse_mla_case(rng, impl):
         fwd_tiles = {"block_k": _pick(rng, 128, 256)}
         bwd_tiles = fwd_tiles | {"unique_indices": unique}
         kernels = mla_mosaic
-    interpret = _interpret(impl)
-    out, lse = kernels.sparse_mla_fwd(q, kv, idx, scale=scale, v_dim=v, **fwd_tiles, interpret=interpret)
+    params.update(b=b, t=t, s=s, h=h, v=v, r=r, k=k, dtype=q.dtype.name, forward=fwd_tiles, backward=bwd_tiles)
+    out, lse = _run_kernel(impl, kernels.sparse_mla_fwd, q, kv, idx, scale=scale, v_dim=v, **fwd_tiles)
     d_out = jnp.asarray(rng.normal(size=out.shape), q.dtype)
-    dq, dkv = kernels.sparse_mla_bwd(q, kv, idx, out, lse, d_out, scale=scale, v_dim=v, **bwd_tiles,
-                                     interpret=interpret)
+    dq, dkv = _run_kernel(impl, kernels.sparse_mla_bwd, q, kv, idx, out, lse, d_out, scale=scale, v_dim=v, **bwd_tiles)
     f32 = lambda x: x.astype(jnp.float32)
     want, vjp = jax.vjp(lambda q_, kv_: sparse_mla_reference(q_, kv_, idx, scale=scale, v_dim=v), f32(q), f32(kv))
     tol, grad_tol = _tolerances(q.dtype)
     _close(out, want, tol, "out")
     for name, got, ref in zip(("dq", "dkv"), (dq, dkv), vjp(f32(d_out))):
         _close(got, ref, grad_tol, name)
-    return {"b": b, "t": t, "s": s, "h": h, "v": v, "r": r, "k": k, "dtype": q.dtype.name, "forward": fwd_tiles,
-            "backward": bwd_tiles}
 
 
-def sparse_mla_decode_case(rng, impl):
+def sparse_mla_decode_case(rng, impl, params):
     layers, b, t, s = _sizes(rng, 3, 4, 4, 200)
     h, v, r, k = _pick(rng, 1, 5, 16, 64), _pick(rng, 16, 32, 64), _pick(rng, 8, 16), _pick(rng, 1, 23, 64, 200)
     if impl == "mosaic":
@@ -216,11 +229,11 @@ def sparse_mla_decode_case(rng, impl):
     else:
         tiles = {"block_k": 128}
         kernel = sparse_mla_decode_mosaic
-    got = kernel(q, kv_cache, layer, idx, scale=0.15, v_dim=v, **tiles, interpret=_interpret(impl))
+    params.update(layers=layers, b=b, t=t, s=s, h=h, v=v, r=r, k=k, layer=layer, dtype=q.dtype.name, **tiles)
+    got = _run_kernel(impl, kernel, q, kv_cache, layer, idx, scale=0.15, v_dim=v, **tiles)
     want = sparse_mla_decode_reference(q.astype(jnp.float32), kv_cache.astype(jnp.float32), layer, idx, scale=0.15,
                                        v_dim=v)
     _close(got, want, _tolerances(q.dtype)[0], "out")
-    return dict(layers=layers, b=b, t=t, s=s, h=h, v=v, r=r, k=k, layer=layer, dtype=q.dtype.name, **tiles)
 
 
 CASES = {"indexer": indexer_case, "indexer_decode": indexer_decode_case, "sparse_mla": sparse_mla_case,
@@ -234,16 +247,19 @@ def run(kernels, impls, cases, seed):
         for impl in impls:
             for case in range(cases):
                 rng = np.random.default_rng([seed, KERNELS.index(kernel), IMPLS.index(impl), case])
-                start = time.perf_counter()
+                start, params = time.perf_counter(), {}
                 try:
-                    params, status, error = CASES[kernel](rng, impl), "ok", ""
+                    with jax.default_matmul_precision("highest"):
+                        CASES[kernel](rng, impl, params)
+                    status, error = "ok", ""
                 except AssertionError as e:
-                    params, status, error = {}, "FAIL", str(e)
+                    status, error = "FAIL", str(e)
                 except Exception as e:  # noqa: BLE001 (a kernel that raises is a result too)
-                    params, status, error = {}, "error", f"{type(e).__name__}: {e}"
+                    status, error = "error", f"{type(e).__name__}: {e}"
                 results.append({"kernel": kernel, "impl": impl, "case": case, "status": status, "params": params,
                                     "error": error[:2000], "seconds": round(time.perf_counter() - start, 2)})
-                print(f"{kernel:18s} {impl:7s} case {case:3d} {status:5s} {params or error[:300]}", flush=True)
+                print(f"{kernel:18s} {impl:7s} case {case:3d} {status:5s} {params}"
+                      + (f"\n    {error[:300]}" if error else ""), flush=True)
     return results
 
 

@@ -21,6 +21,9 @@ the stacked cache [L, B, S, D], `pallas_kernels/indexer/{triton,mosaic}_decode.p
 `lax.top_k`, for the same reason). FP8 (e4m3)
 indexer inputs: the Triton kernels multiply them natively (fp32 accumulation); the Mosaic ones
 widen them to bf16 in VMEM after the DMA (exact: every e4m3 value is a bf16; no fp8 matmul on TPU v4).
+Float32 inputs: the kernels' dots take JAX's matmul precision, as XLA's do: at the default, TF32 in the
+Triton kernels (as XLA's float32 dots on a GPU) and Mosaic's default contraction precision in the TPU
+ones; IEEE float32 in both under `jax.default_matmul_precision("highest")`.
 Decode attention (`sparse_mla_decode`: the selected rows of one layer read in place from the
 stacked cache [L, B, S, D], `pallas_kernels/sparse_mla/{triton,mosaic}_decode.py`): inference only.
 """

@@ -58,13 +58,14 @@ def _scores_kernel(layer_ref, klen_ref, q_ref, w_ref, k_ref, *rest, block_s, num
         keys = first + jnp.arange(block_s, dtype=jnp.int32)
         rows = pl.ds(first, block_s)
         in_cache = None if num_keys % block_s == 0 else keys < num_keys  # only the last block has rows past S
-        k = plgpu.load(k_ref.at[layer, b, rows, :], mask=None if in_cache is None else in_cache[:, None],
-                       other=None if in_cache is None else 0)
+        # Rows past S load nothing and no fill: their scores are replaced by -inf below (k_len <= S), and the
+        # lowering cannot cast a fill to fp8.
+        k = plgpu.load(k_ref.at[layer, b, rows, :], mask=None if in_cache is None else in_cache[:, None])
         # Keys x (query, head), as the prefill kernel: the head sum stays mostly within a thread.
         logits = jnp.maximum(jnp.dot(k, q_ref[...].reshape(tp * hp, d).T, preferred_element_type=jnp.float32), 0.0)
         scores = jnp.sum((logits * w_ref[...].reshape(1, tp * hp)).reshape(block_s, tp, hp), axis=2).T
         if ks_ref is not None:
-            scores = scores * plgpu.load(ks_ref.at[layer, b, rows], mask=in_cache, other=None if in_cache is None else 0)[None, :]
+            scores = scores * plgpu.load(ks_ref.at[layer, b, rows], mask=in_cache)[None, :]
         o_ref[...] = jnp.where(keys[None, :] < limit[:, None], scores, -jnp.inf)
 
     @pl.when(jnp.logical_not(visible))  # a block wholly past every query's k_len: not read

@@ -1,5 +1,6 @@
-"""experiments/fuzz_kernels: its selection check accepts exactly the reference's keys up to score ties, and one
-random case of every kernel and lowering passes (interpreted here)."""
+"""experiments/fuzz_kernels: its selection check accepts exactly the reference's keys up to score ties, one
+random case of every kernel and lowering passes (interpreted here, the Triton ones also lowered for CUDA), and a
+failing case keeps the parameters it drew."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -40,6 +42,17 @@ def test_a_random_case_of_every_kernel_and_lowering():
     results = fuzz_kernels.run(fuzz_kernels.KERNELS, fuzz_kernels.IMPLS, cases=1, seed=0)
     assert len(results) == len(fuzz_kernels.KERNELS) * len(fuzz_kernels.IMPLS)
     assert all(r["status"] == "ok" for r in results), [r for r in results if r["status"] != "ok"]
+
+
+def test_a_failing_case_keeps_its_parameters_and_runs_at_highest_precision(monkeypatch):
+    def case(rng, impl, params):
+        params.update(size=3)
+        assert jax.config.jax_default_matmul_precision == "highest", "not at the highest precision"
+        raise AssertionError("mismatch")
+
+    monkeypatch.setitem(fuzz_kernels.CASES, "indexer", case)
+    [result] = fuzz_kernels.run(["indexer"], ["triton"], cases=1, seed=0)
+    assert (result["status"], result["params"], result["error"]) == ("FAIL", {"size": 3}, "mismatch")
 
 
 def test_command_line(tmp_path):

@@ -9,7 +9,8 @@ PTX and SASS (shared memory and register limits) is the triton_static smoke test
 Tracing only: nothing executes, so real sizes cost little.
 
 The decode indexer at V3.2 decode shapes (B = 64 sequences, T = 1 or 2 queries, S = 128K cached
-keys, a stacked cache of L = 2 layers, bf16 and fp8) also reads the cache in place: no
+keys, and S - 3 where the last key block's loads are masked; a stacked cache of L = 2 layers, bf16
+and fp8) also reads the cache in place: no
 dynamic-slice of a layer appears in the module, except where an fp8 cache of 2-4 GiB makes it
 fall back to a copy of the layer (32-bit offsets). The prefill indexer runs the batch in groups
 where an fp8 query chunk or k of 2-4 GiB would overflow them: no fp8 operand of a Triton call
@@ -18,7 +19,8 @@ S = 64K keys (bf16 and fp8). At T = S = 64K the prefill indexer calls its scores
 causal run, each with only the keys that run sees. The top-k kernel (`select_topk_triton`) lowers
 on a [512, 64K] block of scores, and behind the prefill and decode indexers (`topk_kernel=True`).
 The indexers' fp8 dots reach the Triton IR marked for Hopper's fp8 wgmma and the backward's atomic
-adds relaxed (`triton_lowering`); interpreted, atomic adds at repeated indices all land.
+adds relaxed (`triton_lowering`); interpreted, atomic adds at repeated indices all land. Float32 dots
+are TF32 at JAX's default matmul precision and IEEE under "highest".
 """
 
 import math
@@ -84,11 +86,11 @@ KERNELS |= {"indexer_topk_key_loop": key_loop_case(jnp.bfloat16),
                                           sd((B, PT, HI), jnp.float32)))}
 
 
-def decode_case(t, dtype, layers=2, topk_kernel=False):
-    """The decode indexer (scores kernel + select_topk) on layer `layer` (traced) of a stacked cache."""
+def decode_case(t, dtype, layers=2, topk_kernel=False, s=DS):
+    """The decode indexer (scores kernel + select_topk) on layer `layer` (traced) of a stacked cache of s keys."""
     scaled = dtype == jnp.float8_e4m3fn
-    args = (sd((DB, t, HI, DI), dtype), sd((layers, DB, DS, DI), dtype), sd((DB, t, HI), jnp.float32),
-            sd((), jnp.int32), sd((DB, t), jnp.int32)) + ((sd((layers, DB, DS), jnp.float32),) if scaled else ())
+    args = (sd((DB, t, HI, DI), dtype), sd((layers, DB, s, DI), dtype), sd((DB, t, HI), jnp.float32),
+            sd((), jnp.int32), sd((DB, t), jnp.int32)) + ((sd((layers, DB, s), jnp.float32),) if scaled else ())
     return lambda q, k, w, layer, k_len, *ks: indexer_topk_decode_triton(q, k, w, layer, k_len, topk=K,
                                                                         k_scale=ks[0] if ks else None,
                                                                         topk_kernel=topk_kernel), args
@@ -97,7 +99,10 @@ def decode_case(t, dtype, layers=2, topk_kernel=False):
 KERNELS |= {"indexer_topk_decode_t1": decode_case(1, jnp.bfloat16), "indexer_topk_decode_t2": decode_case(2, jnp.bfloat16),
             "indexer_topk_decode_fp8_t1": decode_case(1, jnp.float8_e4m3fn),
             "indexer_topk_decode_fp8_t2": decode_case(2, jnp.float8_e4m3fn),
-            "indexer_topk_decode_topk_kernel": decode_case(1, jnp.bfloat16, topk_kernel=True)}
+            "indexer_topk_decode_topk_kernel": decode_case(1, jnp.bfloat16, topk_kernel=True),
+            # A cache of no whole key blocks: the last block's loads are masked (an fp8 fill did not lower).
+            "indexer_topk_decode_ragged": decode_case(1, jnp.bfloat16, s=DS - 3),
+            "indexer_topk_decode_fp8_ragged": decode_case(1, jnp.float8_e4m3fn, s=DS - 3)}
 
 
 @pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.bfloat16])
@@ -109,6 +114,17 @@ def test_fp8_indexer_dots_are_marked_for_wgmma(dtype):
     for fn, args in (grid, key_loop_case(dtype), decode_case(1, dtype)):
         dots = [line for ir, *_ in triton_kernels(fn, *args) for line in ir.splitlines() if "tt.dot " in line]
         assert dots and all(("maxNumImpreciseAcc = 128" in line) == (dtype == jnp.float8_e4m3fn) for line in dots), dots
+
+
+@pytest.mark.parametrize("precision, attribute", [(None, "inputPrecision = tf32"), ("highest", None)])
+def test_float32_dots_follow_the_default_matmul_precision(precision, attribute):
+    """As XLA's on a GPU: float32 dots are TF32 at the default precision, IEEE float32 (no attribute) under
+    jax.default_matmul_precision("highest") (what experiments/fuzz_kernels.py and gpu_check.sh's model part run)."""
+    fn = lambda *a: sparse_mla_triton.sparse_mla_fwd(*a, scale=0.1, v_dim=64)
+    args = (sd((1, 8, 16, 96), jnp.float32), sd((1, 300, 96), jnp.float32), sd((1, 8, 64), jnp.int32))
+    with jax.default_matmul_precision(precision):
+        dots = [line for ir, *_ in triton_kernels(fn, *args) for line in ir.splitlines() if "tt.dot " in line]
+    assert dots and all((attribute in line) if attribute else ("inputPrecision" not in line) for line in dots), dots
 
 
 def test_backward_atomic_adds_are_relaxed_and_only_there():
@@ -149,7 +165,8 @@ def slices_the_cache(module, layers):
     """Whether XLA dynamic-slices a layer out of the stacked decode cache [layers, DB, DS, ...] (keys or scales).
     (Other dynamic slices are no copy of the cache: JAX 0.11 lowers cumsum, in select_topk, as a scan whose
     fallback body slices one column at a time.)"""
-    return any("stablehlo.dynamic_slice" in line and f"(tensor<{layers}x{DB}x{DS}x" in line for line in module.splitlines())
+    return any("stablehlo.dynamic_slice" in line and re.search(rf"\(tensor<{layers}x{DB}x\d+x", line)
+               for line in module.splitlines())
 
 
 @pytest.mark.parametrize("name", sorted(KERNELS))
