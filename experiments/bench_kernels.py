@@ -12,15 +12,16 @@ sparse_mla forward (V3.2 shapes: H=128 heads, Dqk=576, Dv=512, k=2048, one KV ro
   - dense causal attention in MHA mode (what V3.1 prefill ran): `jax.nn.dot_product_attention`
     (cuDNN on GPU), q/k 192-d, v 128-d padded to 192 (cuDNN wants equal dims; FLOPs count 128).
 indexer_topk (V3.2: 64 heads x 128, bf16 q/k, fp32 head weights): the scores kernel with a
-chunked top-k, each --index_configs tile at --sweep_len, then at every length the best grid
-config and the best key-loop config (a config ending in ":loop": `key_loop=True`, one program
-per query tile looping over the key blocks; rows labelled "grid" / "key-loop", and the sweep
-prints which is faster), the overall best in fp8 and, as the baseline of the causal runs
-(`segments`: each run of query chunks scored against only the keys its last query sees), the
-overall best with segments=1 (every chunk against all T keys) and the best with the top-k
-kernel (`topk_kernel=True`: `select_topk_triton`, one program per row, in place of select_topk),
-against the XLA reference up to --max_reference_len; FLOPs = 2·(causal pairs)·H_I·D_I (the QK
-matmul only, as DeepGEMM counts), and a row "indexer + sparse_mla" summing both kernels.
+chunked top-k (the top-k kernel `select_topk_triton`, the default), each --index_configs tile at
+--sweep_len, then at every length the best grid config and the best key-loop config (a config
+ending in ":loop": `key_loop=True`, one program per query tile looping over the key blocks; rows
+labelled "grid" / "key-loop", and the sweep prints which is faster), the overall best in fp8 and,
+as the baseline of the causal runs (`segments`: each run of query chunks scored against only the
+keys its last query sees), the overall best with segments=1 (every chunk against all T keys) and
+the best with select_topk (XLA) for the top-k kernel, against the XLA reference up to
+--max_reference_len; FLOPs = 2·(causal pairs)·H_I·D_I (the QK matmul only, as DeepGEMM counts),
+and a row "indexer + sparse_mla" summing both kernels, printed against cuDNN dense (the issue's
+3x target; from the same run, or from --prefill_from's JSON of a --parts=sparse_mla run).
 The split, per query chunk (the last chunk of --index_chunk queries, which sees all T keys):
 the scores kernel alone, then top-k alone on its [chunk, T] fp32 scores, `select_topk` (radix
 select in XLA, what the kernel path runs by default) against `lax.top_k` (sort-based on GPU)
@@ -87,11 +88,10 @@ _TOPK = flags.DEFINE_integer("topk", 2048, "selected rows per query")
 _HEADS = flags.DEFINE_integer("heads", 128, "attention heads")
 _V_DIM = flags.DEFINE_integer("v_dim", 512, "latent / value dim")
 _ROPE_DIM = flags.DEFINE_integer("rope_dim", 64, "RoPE dim (Dqk = v_dim + rope_dim)")
-# The two fastest of a 15-config sweep on an H200 (16:32 .. 64:128 tiles, 4/8 warps, 1-3 stages; third and fourth
-# were 32:64:4:3 and 64:64:8:2), then the tiles experiments/triton_static shows compile to wgmma without spills
-# (untimed): 64 heads x 16 rows, and two value-split tiles.
-_CONFIGS = flags.DEFINE_list("configs", ["32:64:4:2", "64:64:8:3", "64:16:8:2", "64:16:8:3", "64:32:8:2:v2",
-                                         "64:16:8:3:v2"],
+# The four fastest of a 15-config sweep on an H200 (16:32 .. 64:128 tiles, 4/8 warps, 1-3 stages). On 2026-11-29
+# (jax 0.11.2, T=16K) 32:64:4:2 233 TFLOP/s, 64:64:8:3 221; the tiles triton_static shows on wgmma without spills
+# were slower: 64:16:8:2 107, 64:16:8:3 104, value split 64:32:8:2:v2 87, 64:16:8:3:v2 54.
+_CONFIGS = flags.DEFINE_list("configs", ["32:64:4:2", "64:64:8:3", "32:64:4:3", "64:64:8:2"],
                              "block_h:block_k:num_warps:num_stages[:vN] (:vN = v_split=N: N programs per head "
                              "block, each accumulating 1/N of the value columns), ...")
 _SWEEP_LEN = flags.DEFINE_integer("sweep_len", 16384, "length at which tile configs are compared")
@@ -102,9 +102,13 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "timed runs (median reported)")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 790.0, "bf16 matmul peak for the roofline fraction")
 _PEAK_GBS = flags.DEFINE_float("peak_gbs", 4300.0, "HBM bandwidth for the roofline fraction")
 _OUT = flags.DEFINE_string("out", "bench_kernels.json", "JSON output path")
-# 32:64 and 16:64 tiles exceed the H200's 227 KiB of shared memory in the backward kernel.
-_BWD_CONFIGS = flags.DEFINE_list("bwd_configs", ["16:32:4:2", "32:32:4:2", "32:32:8:2", "16:32:8:2", "32:32:8:2:split",
-                                                "32:16:8:2:split", "16:16:4:2:split"],
+_PREFILL_FROM = flags.DEFINE_string("prefill_from", "", "JSON of an earlier --parts=sparse_mla run on this machine: "
+                                    "its forward and dense timings make the indexer part's DSA-vs-dense rows when "
+                                    "sparse_mla is not among --parts (gpu_check.sh runs the two apart)")
+# 32:64 and 16:64 tiles exceed the H200's 227 KiB of shared memory in the backward kernel. On an H200 (2026-11-29,
+# T=16K) 32:32:8:2 took 285 ms, 32:32:8:2:split 324, 32:32:4:2 337, 16:16:4:2:split 373, 16:32:4:2 408,
+# 16:32:8:2 451, 32:16:8:2:split 549.
+_BWD_CONFIGS = flags.DEFINE_list("bwd_configs", ["32:32:8:2", "32:32:8:2:split", "32:32:4:2"],
                                   "backward tiles block_h:block_k:num_warps:num_stages[:split] (:split = dq and dkv "
                                   "in two kernels, dkv summed over all heads before its atomic add), ...")
 _BWD_LEN = flags.DEFINE_integer("bwd_len", 16384, "length at which the backward kernel is timed")
@@ -112,9 +116,11 @@ _MAX_REF_BWD = flags.DEFINE_integer("max_reference_bwd_len", 4096,
                                     "longest T for the reference VJP (it holds T·k gathered rows: 118 GiB at 16K)")
 _INDEX_HEADS = flags.DEFINE_integer("index_heads", 64, "indexer heads")
 _INDEX_DIM = flags.DEFINE_integer("index_dim", 128, "indexer head dim")
-# experiments/triton_static (keys x (query, head) logits): none of these spills; 1-4 programs per SM.
-_INDEX_CONFIGS = flags.DEFINE_list("index_configs", ["4:128:8:2", "4:64:8:2", "2:64:4:2", "8:64:8:2", "4:64:8:2:loop",
-                                                    "2:128:8:2:loop", "2:64:8:2:loop", "4:128:8:1:loop"],
+# On an H200 (2026-11-29, T=16K) key-loop 2:128:8:2 took 10.8 ms, 2:64:8:2 11.8, 4:128:8:1 12.6, 4:64:8:2 14.0; the
+# grid kernel 4:128:8:2 14.2 (kept as the baseline), 2:64:4:2 14.3, 4:64:8:2 14.3, 8:64:8:2 15.4. triton_static:
+# none of these spills (4-warp and block_t=4 key-loop tiles at block_s=128 do).
+_INDEX_CONFIGS = flags.DEFINE_list("index_configs", ["2:128:8:2:loop", "2:128:8:3:loop", "2:64:8:2:loop",
+                                                    "2:64:8:3:loop", "4:128:8:2"],
                                    "indexer tiles block_t:block_s:num_warps:num_stages[:loop] (:loop = the key-loop "
                                    "kernel), ...")
 # experiments/triton_static: no spills; 128 registers at 8 warps (2 programs per SM), 168 at 4 warps (3 per SM).
@@ -130,7 +136,9 @@ _DECODE_QUERIES = flags.DEFINE_integer("decode_queries", 1, "decode: queries per
 _DECODE_LAYERS = flags.DEFINE_integer("decode_layers", 2, "decode: layers L of the stacked cache (the last is read)")
 _DECODE_CONFIGS = flags.DEFINE_list("decode_configs", ["128:4", "256:4", "256:8", "64:4"],
                                     "decode kernel tiles block_s:num_warps, ...")
-_DECODE_MLA_CONFIGS = flags.DEFINE_list("decode_mla_configs", ["64:32:8:1", "32:64:4:1", "32:64:8:1", "32:64:4:2"],
+# On an H200 (2026-11-29) 32:64:4:1 took 0.37 ms, 64:32:8:1 0.44, 32:64:4:2 0.44, 32:64:8:1 0.47. triton_static:
+# 16:64:4:1 does not spill and keeps 2 programs per SM, as 32:64:4:1 does (32 B spilled).
+_DECODE_MLA_CONFIGS = flags.DEFINE_list("decode_mla_configs", ["32:64:4:1", "16:64:4:1", "64:32:8:1", "32:64:4:2"],
                                         "decode sparse MLA tiles block_h:block_k:num_warps:num_splits, ...")
 
 
@@ -267,8 +275,9 @@ def _indexer_split(t, q, kk, ww, cfg):
     return rows
 
 
-def _indexer(sparse_seconds):
-    """Times the indexer kernel + chunked top-k (and the reference), plus indexer + sparse_mla."""
+def _indexer(prefill_seconds):
+    """Times the indexer kernel + chunked top-k (and the reference), plus indexer + sparse_mla against dense
+    attention where prefill_seconds ({T: {"sparse_mla": s, "dense": s}}) has T."""
     h, d, k = _INDEX_HEADS.value, _INDEX_DIM.value, _TOPK.value
     rows = []
 
@@ -277,7 +286,7 @@ def _indexer(sparse_seconds):
         return (jax.random.normal(kq, (1, t, h, d), jnp.bfloat16), jax.random.normal(kk, (1, t, d), jnp.bfloat16),
                 jax.random.normal(kw, (1, t, h), jnp.float32))
 
-    def kernel_fn(cfg, segments=8, topk_kernel=False):
+    def kernel_fn(cfg, segments=8, topk_kernel=True):
         tiles = index_tiles(cfg)
         return jax.jit(lambda q, kk, ww: indexer_topk_triton(q, kk, ww, topk=k, segments=segments,
                                                              topk_kernel=topk_kernel, interpret=_INTERPRET.value,
@@ -331,10 +340,10 @@ def _indexer(sparse_seconds):
         one_run = _time(kernel_fn(best, segments=1), q, kk, ww)
         rows.append(_row(f"indexer_topk pallas 1 run {_index_label(best)}", t, one_run, flops(t), nbytes(t)))
         print(f"indexer at T={t}: causal runs {one_run / per_kernel[best]:.2f}x faster than 1 run", flush=True)
-        # The top-k kernel (select_topk_triton, default tiles) in place of select_topk.
-        fused = _time(kernel_fn(best, topk_kernel=True), q, kk, ww)
-        rows.append(_row(f"indexer_topk pallas topk kernel {_index_label(best)}", t, fused, flops(t), nbytes(t)))
-        print(f"indexer at T={t}: the top-k kernel {per_kernel[best] / fused:.2f}x faster than select_topk",
+        # The top-k by select_topk (XLA) in place of the top-k kernel (select_topk_triton, default tiles).
+        radix = _time(kernel_fn(best, topk_kernel=False), q, kk, ww)
+        rows.append(_row(f"indexer_topk pallas select_topk {_index_label(best)}", t, radix, flops(t), nbytes(t)))
+        print(f"indexer at T={t}: the top-k kernel {radix / per_kernel[best]:.2f}x faster than select_topk",
               flush=True)
         # FP8 e4m3 q and k (V3.2's indexer inputs; unit key scales): the same kernel on Hopper's fp8 MMA.
         q8, k8 = q.astype(jnp.float8_e4m3fn), kk.astype(jnp.float8_e4m3fn)
@@ -343,9 +352,11 @@ def _indexer(sparse_seconds):
         del q8, k8
         if t <= _MAX_REF.value:
             rows.append(_row("indexer_topk xla reference", t, _time(reference, q, kk, ww), flops(t), nbytes(t)))
-        if t in sparse_seconds:
-            rows.append(_row("indexer + sparse_mla (pallas)", t, min(per_kernel.values()) + sparse_seconds[t], flops(t),
-                             nbytes(t)))
+        if t in prefill_seconds:  # DSA's prefill attention: the fastest indexer (bf16) + the fastest forward
+            dsa, dense = min(per_kernel.values()) + prefill_seconds[t]["sparse_mla"], prefill_seconds[t]["dense"]
+            rows.append(_row("indexer + sparse_mla (pallas)", t, dsa, flops(t), nbytes(t)))
+            print(f"DSA at T={t}: indexer + sparse_mla {dsa * 1e3:.1f} ms vs cuDNN dense causal {dense * 1e3:.1f} ms: "
+                  f"{dense / dsa:.2f}x faster (target: 3x at 64K)", flush=True)
         rows += _indexer_split(t, q, kk, ww, best)
     return rows
 
@@ -526,7 +537,8 @@ def _backward(scale, v):
 def _sparse_mla_forward(scale, v):
     """Checks the forward tile configs against the reference, then times the best against the baselines.
 
-    Returns (rows, {T: best forward seconds}, best config, {config: max abs error})."""
+    Returns (rows, {T: {"sparse_mla": best forward seconds, "dense": cuDNN seconds}}, best config,
+    {config: max abs error})."""
 
     def kernel_fn(cfg, head_major=True):
         fwd = functools.partial(sparse_mla_fwd, scale=scale, v_dim=v, head_major=head_major, interpret=_INTERPRET.value,
@@ -568,12 +580,11 @@ def _sparse_mla_forward(scale, v):
     reference = jax.jit(lambda q, kv, idx: sparse_mla_reference(q, kv, idx, scale=scale, v_dim=v))
     dense = jax.jit(lambda q, k, vv: jax.nn.dot_product_attention(q, k, vv, is_causal=True,
                                                                   implementation="cudnn" if jax.default_backend() == "gpu" else None))
-    best_fwd_ms = {}
+    prefill_seconds = {}
     for t in (int(x) for x in _SEQ_LENS.value):
         q, kv, idx = _inputs(t, jax.random.PRNGKey(t))
         flops, nbytes = _sparse_costs(t, idx)
         seconds = _time(kernel, q, kv, idx)
-        best_fwd_ms[t] = seconds
         rows.append(_row(f"sparse_mla pallas [{best}]", t, seconds, flops, nbytes))
         # The launch order first measured: every query of a head block before the next head block.
         old_order = _time(query_major, q, kv, idx)
@@ -586,9 +597,11 @@ def _sparse_mla_forward(scale, v):
         qd = jax.random.normal(jax.random.PRNGKey(2), (1, t, h, 192), jnp.bfloat16)
         dense_flops = t * t * h * (192 + 128)
         dense_bytes = 4 * t * h * 192 * 2
-        rows.append(_row("dense causal MHA (cuDNN, 192/128)", t, _time(dense, qd, qd, qd), dense_flops, dense_bytes))
+        dense_seconds = _time(dense, qd, qd, qd)
+        rows.append(_row("dense causal MHA (cuDNN, 192/128)", t, dense_seconds, dense_flops, dense_bytes))
+        prefill_seconds[t] = {"sparse_mla": seconds, "dense": dense_seconds}
         del qd
-    return rows, best_fwd_ms, best, check
+    return rows, prefill_seconds, best, check
 
 
 def main(argv):
@@ -599,21 +612,24 @@ def main(argv):
     v, scale = _V_DIM.value, (_V_DIM.value + _ROPE_DIM.value) ** -0.5
     print(f"device: {jax.devices()[0].device_kind}  jax {jax.__version__}")
     print(f"{'kernel':34s} {'T':>7s} {'ms':>10s} {'TFLOP/s':>8s} {'GB/s':>8s} {'roofline':>8s}")
-    rows, best_fwd_ms, best, check = [], {}, None, {}
+    rows, prefill_seconds, best, check = [], {}, None, {}
     if "decode" in parts:
         rows += _decode()
     if "decode_mla" in parts:
         rows += _decode_attention(scale, v)
     if "sparse_mla" in parts:
-        fwd_rows, best_fwd_ms, best, check = _sparse_mla_forward(scale, v)
+        fwd_rows, prefill_seconds, best, check = _sparse_mla_forward(scale, v)
         rows += fwd_rows
+    elif _PREFILL_FROM.value:  # the forward and dense timings of an earlier --parts=sparse_mla run
+        with open(_PREFILL_FROM.value) as f:
+            prefill_seconds = {int(t): seconds for t, seconds in json.load(f)["prefill_seconds"].items()}
     if "indexer" in parts:
-        rows += _indexer(best_fwd_ms)
+        rows += _indexer(prefill_seconds)
     if "backward" in parts:
         rows += _backward(scale, v)
     with open(_OUT.value, "w") as f:
         json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, best_config=best, check=check,
-                       rows=rows), f, indent=2)
+                       prefill_seconds=prefill_seconds, rows=rows), f, indent=2)
     print(f"wrote {_OUT.value}")
 
 

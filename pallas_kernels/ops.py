@@ -12,9 +12,9 @@ A kernel runs interpreted where it cannot compile: the Triton one on CPU (or wit
 `pltpu.InterpretParams()`, the TPU interpreter that also simulates DMAs and semaphores.
 `implementation(impl)` names what runs here.
 Kernels: sparse MLA forward and backward (a `jax.custom_vjp`, dkv accumulated over every query
-that selected a row); indexer scores, with the top-k of each query chunk by
-`pallas_kernels.topk.select_topk` on GPU (radix select in XLA, no sort; the Triton indexers can run it
-as one kernel instead, `topk_kernel=True`, `pallas_kernels/topk_triton.py`) and by a stable sort of
+that selected a row); indexer scores, with the top-k of each query chunk on GPU by the Triton kernel
+`pallas_kernels/topk_triton.py` (the decode indexer: by `pallas_kernels.topk.select_topk`, radix select in
+XLA, no sort; each indexer takes either, `topk_kernel`) and by a stable sort of
 (score, index) pairs on TPU, where element gathers are slow (`pallas_kernels/indexer/mosaic.py`); the
 decode indexer (`indexer_topk_decode`: few queries, a per-query key limit, one layer read in place from
 the stacked cache [L, B, S, D], `pallas_kernels/indexer/{triton,mosaic}_decode.py`; its TPU top-k is

@@ -6,10 +6,10 @@ I[t, s] = k_scale[s] · Σ_h w[t, h] · relu(q[t, h] · k[s]) in float32 (one [b
 s <= t + q_offset and s < k_len. q and k may be bf16, fp32 or FP8 e4m3 (Hopper's fp8 wgmma,
 `pallas_kernels/triton_lowering.py`; the per-key scale comes in as k_scale and q's is folded into
 w by the caller). `indexer_topk_triton` runs it over chunks of `chunk_size` queries and selects
-each chunk's top-k with `pallas_kernels.topk.select_topk` (radix select, no sort; the same set as
-`lax.top_k`, lowest index first on ties, listed by ascending index; `topk_kernel=True`: the same
-selection as one Triton kernel, `select_topk_triton`), so memory is O(chunk_size · S), never
-[T, S]. Causal queries run in up to `segments` runs of whole chunks (`chunking.causal_segments`),
+each chunk's top-k with the Triton kernel `select_topk_triton` (default) or with
+`pallas_kernels.topk.select_topk` (radix select in XLA, `topk_kernel=False`): the same set as
+`lax.top_k`, lowest index first on ties, listed by ascending index. Memory is O(chunk_size · S),
+never [T, S]. Causal queries run in up to `segments` runs of whole chunks (`chunking.causal_segments`),
 each against only the keys its last query sees: at T = S and 8 runs the scores grid, the scores
 written and the rows top-k reads are 56 % of T x S (the grid kernel's causal no-op programs and
 the top-k's reads of -inf columns were the rest).
@@ -24,29 +24,30 @@ time; q is sliced per chunk as before); a single row in that range (S·D > 2^31)
 a ValueError. Not affected: the float32 and int32 operands (k_scale, w, scores) and select_topk
 (plain XLA, no Triton call).
 
-Measured on an H200 (V3.2: 64 heads x 128, k=2048, bf16) with `lax.top_k` per chunk: 3.1 / 47
-/ 697 ms at T = 4K / 16K / 64K, 4.7x / 3.1x faster than the XLA reference up to 16K; a later
-run took 509 ms at 64K, most of it in the sort-based `lax.top_k` (2.7 ms per [512, 64K] chunk).
-With `select_topk` (0.5 ms per chunk): 22.1 ms at 16K and 265 ms at 64K (259 ms with
-chunk_size=1024), now mostly the scores kernel (target: 60 ms). experiments/bench_kernels.py
-times scores and top-k apart. All those runs scored every chunk against all S keys (one run,
-now `segments=1`); the causal runs are not yet timed on a GPU (the benchmark times both).
+Measured on an H200 (jax 0.11.2, 2026-11-29; V3.2: 64 heads x 128, k=2048, bf16, 8 causal runs,
+experiments/bench_kernels.py): the key-loop kernel (2:128 tiles, 8 warps, 2 stages) 10.8 ms at
+T = 16K and 103.5 ms at 64K, the grid kernel's best tiles (4:128) 14.2 and 156.3 ms (1.3x / 1.5x
+slower); with the top-k kernel for select_topk 7.8 and 88.7 ms (1.41x / 1.17x faster); fp8 q and
+k 83.7 ms at 64K (select_topk); the XLA reference 150 ms at 16K; one run instead of 8 causal
+runs 1.13x / 1.08x slower. Hence the defaults: key loop, block_t = 2, top-k kernel. Target at
+64K: 60 ms, not met. Earlier runs (grid kernel, one run): 3.1 / 47 / 697 ms at 4K / 16K / 64K
+with `lax.top_k` (2.7 ms per [512, 64K] chunk), 22.1 / 265 ms at 16K / 64K with `select_topk`.
 
 Two kernels compute the same tiles (`_score_tile`, so the scores are bitwise equal):
-- the grid kernel (default): grid (B, Tp/block_t, Sp/block_s), one tile per program. With the
-  default tiles (block_t = 4, block_s = 128, H = 64, D = 128, bf16) a program loads a q tile
+- the grid kernel (`key_loop=False`): grid (B, Tp/block_t, Sp/block_s), one tile per program. At
+  block_t = 4, block_s = 128 (H = 64, D = 128, bf16) a program loads a q tile
   [256, 128] (64 KiB) and a key tile (32 KiB), does one 256 x 128 x 128 matmul (8.4 MFLOP) and
   writes 2 KiB: ~84 FLOP/B, below the H200's bf16 ridge (~790 TFLOP/s / 4.3 TB/s ~ 180), because
   q is read again for every key block (275 GB of q reads at T = S = 64K, mostly from L2). And
   there are 16K x 512 = 8.4M programs, half of them causal no-ops that still launch and store -inf.
-- the key-loop kernel (`key_loop=True`, flash-attention style): grid (B, Tp/block_t); a program
+- the key-loop kernel (default, flash-attention style): grid (B, Tp/block_t); a program
   loads its q tile and w once, then loops (`lax.fori_loop`, lowered to an scf.for with the trip
   count computed in the kernel from the positions, q_offset and k_len) over the key blocks its
   queries see, loading each key tile and its scales with `pl.ds` from the batch row's [Sp, Dp]
   block and storing the tile into its [block_t, Sp] output rows; a second loop stores -inf in the
   blocks past the limit (no load, no matmul). Per iteration: the key tile + 2 KiB out for the same
-  8.4 MFLOP, ~240 FLOP/B; q is read once (1 GB at 64K), 16K programs. Not yet timed on a GPU:
-  experiments/bench_kernels.py sweeps both (configs ending in ":loop").
+  8.4 MFLOP at block_t = 4, ~240 FLOP/B; q is read once (1 GB at 64K), 16K programs.
+  experiments/bench_kernels.py sweeps both (configs ending in ":loop"); timings above.
 
 Shapes: B batch, T queries, S keys, H heads, D head dim, K = topk.
 """
@@ -64,7 +65,7 @@ from pallas_kernels.topk import select_topk
 from pallas_kernels.topk_triton import select_topk_triton
 from pallas_kernels.triton_lowering import use_fp8_wgmma
 
-BLOCK_T, BLOCK_S = 4, 128  # default tiles: queries x keys per program
+BLOCK_T, BLOCK_S = 2, 128  # default tiles: queries x keys per program (the fastest key-loop tiles on an H200)
 
 
 def _score_tile(q, w, k, k_scale, keys, limit):
@@ -145,7 +146,7 @@ def _row_operands(q, k, tc, block_t, block_s):
 
 
 def indexer_scores_triton(q, k, w, k_scale, k_len, positions, *, q_offset=0, block_t=BLOCK_T, block_s=BLOCK_S,
-                          key_loop=False, num_warps=8, num_stages=2, interpret=False):
+                          key_loop=True, num_warps=8, num_stages=2, interpret=False):
     """Scores [B, Tc, S] (float32, -inf where masked) of queries at `positions` [Tc].
 
     key_loop: the key-loop kernel (one program per query tile looping over the key blocks) instead of
@@ -190,15 +191,16 @@ def indexer_scores_triton(q, k, w, k_scale, k_len, positions, *, q_offset=0, blo
 
 
 def indexer_topk_triton(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, chunk_size=512, segments=8,
-                        topk_kernel=False, interpret=False, block_t=BLOCK_T, block_s=BLOCK_S, key_loop=False, **tiles):
+                        topk_kernel=True, interpret=False, block_t=BLOCK_T, block_s=BLOCK_S, key_loop=True, **tiles):
     """Same contract as `indexer_topk_reference` (int32 [B, T, topk], -1 for empty slots), indices ascending.
 
     segments: the queries run in up to this many causal runs (`chunking.causal_segments`), each
     scored and top-k'd against only the keys its last query sees (1: every chunk against the keys
     of the last query, min(S, T + q_offset)).
-    topk_kernel: each chunk's top-k by `select_topk_triton` (one kernel, a program per row) instead of
+    topk_kernel: each chunk's top-k by `select_topk_triton` (one kernel, a program per row; default) or by
     `select_topk` (XLA); the same indices in the same order.
-    key_loop: score with the key-loop kernel (`indexer_scores_triton`); tiles: its num_warps, num_stages.
+    key_loop: score with the key-loop kernel (default) or the grid kernel (`indexer_scores_triton`); tiles: its
+    num_warps, num_stages.
     """
     b, t = q.shape[:2]
     s = k.shape[1]

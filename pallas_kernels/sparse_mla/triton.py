@@ -29,7 +29,8 @@ the row index. Reference: `pallas_kernels/sparse_mla/reference.py`. Default tile
 The programs now launch head-major (`_grid`): a query's head blocks side by side, so its rows are
 gathered from HBM once, not once per head block. That matters only where the KV outgrows L2
 (50 MB; 19 MB at 16K, 75 MB at 64K): the equal figures at 16K and 64K say the kernel is not
-HBM-bound now, so expect little from it. Not yet timed on a GPU; the benchmark times both orders.
+HBM-bound now, so expect little from it. Measured (H200, jax 0.11.2, 2026-11-29): head-major 1.03x
+faster at 16K (40.2 ms, 233 TFLOP/s) and 1.12x at 64K (151.9 ms, 246 TFLOP/s; 171 ms query-major).
 
 Value split (`v_split=N`, forward only, off by default): N programs per (query, head block), each
 scoring all of q·k but accumulating only 1/N of the value columns. Why: the default 32-head tile
@@ -42,7 +43,9 @@ tiles do use wgmma: without spills at block_k = 16 (64:16:8:2, 64:16:8:3, 255 re
 shared memory). The price: the QK matmul is done twice, so per (head, row) 2·576 + 512 = 1664
 multiply-add dims instead of 1088 (+53 %), and each row is gathered by twice the programs (from
 L2 for the second, launched next to the first). Against the unsplit block_k = 16 tile it buys a
-quarter of the accumulator rescales per row. The sweep has both; neither is timed on a GPU yet.
+quarter of the accumulator rescales per row. Measured at T=16K on the H200 (2026-11-29): 64:16:8:2
+107 TFLOP/s, 64:32:8:2:v2 87, 64:16:8:3:v2 54, against the default's 233: wgmma without spills does
+not pay here, so the value split stays off.
 
 Shapes: B batch, T queries, S keys, H heads, V latent/value dim (512), R RoPE dim (64),
 K selected rows per query.
@@ -288,11 +291,13 @@ def sparse_mla_bwd(q, kv, indices, out, lse, d_out, *, scale, v_dim, block_h=32,
 
     Default tiles: the fastest of those that fit an H200's shared memory (64-row tiles do not).
     Measured there at V3.2 shapes, T=16K: 546 ms, ~43 TFLOP/s, bound by the float32 atomic adds
-    of every (query, head block) into the shared rows.
+    of every (query, head block) into the shared rows; 285 ms, 83 TFLOP/s on 2026-11-29 (jax
+    0.11.2), with relaxed atomic adds, head-major (285 ms query-major too).
     split_dkv: two kernels instead. The first, grid (query, head block), writes dq only; the second,
     grid (query,), sums each block of rows' gradient over all heads (a loop over head blocks,
     recomputing P and dS) and adds it once: H/block_h times fewer atomic adds (4x at H = 128,
-    block_h = 32) for ~40 % more matmul work (P and dS are computed twice). Not yet timed on a GPU.
+    block_h = 32) for ~40 % more matmul work (P and dS are computed twice). Slower on the H200 at
+    T=16K: 324 ms against the fused kernel's 285 (2026-11-29), so off by default.
     head_major: the launch order of the (query, head block) kernel (`_grid`); the 546 ms above
     was query-major.
     """

@@ -59,11 +59,12 @@ KERNELS = {
     "sparse_mla_bwd_split_dkv": (lambda *a: sparse_mla_triton.sparse_mla_bwd(*a, scale=576**-0.5, v_dim=512,
                                                                              split_dkv=True),
                                  (Q, KV, IDX, OUT, LSE, OUT)),
-    # Scores kernel + select_topk (plain XLA) over one chunk of queries, the last T of S (q_offset = S - T):
+    # The grid scores kernel + select_topk (plain XLA) over one chunk of queries, the last T of S (q_offset = S - T):
     # they see all S keys.
-    "indexer_topk": (lambda *a: indexer_topk_triton(*a, topk=K, q_offset=S - T),
+    "indexer_topk": (lambda *a: indexer_topk_triton(*a, topk=K, q_offset=S - T, key_loop=False, topk_kernel=False),
                      (sd((B, T, HI, DI), jnp.bfloat16), sd((B, S, DI), jnp.bfloat16), sd((B, T, HI), jnp.float32))),
-    "indexer_topk_fp8": (lambda q, k, w, ks: indexer_topk_triton(q, k, w, topk=K, k_scale=ks, q_offset=S - T),
+    "indexer_topk_fp8": (lambda q, k, w, ks: indexer_topk_triton(q, k, w, topk=K, k_scale=ks, q_offset=S - T,
+                                                                 key_loop=False, topk_kernel=False),
                          (sd((B, T, HI, DI), jnp.float8_e4m3fn), sd((B, S, DI), jnp.float8_e4m3fn),
                           sd((B, T, HI), jnp.float32), sd((B, S), jnp.float32))),
 }
@@ -72,16 +73,18 @@ PT, PS = 512, 65536  # prefill indexer: the last chunk of queries (indexer_topk_
 
 
 def key_loop_case(dtype):
-    """The key-loop prefill indexer (one program per query tile, a traced-count loop over the key blocks)."""
+    """The key-loop prefill indexer (one program per query tile, a traced-count loop over the key blocks) + select_topk."""
     args = (sd((B, PT, HI, DI), dtype), sd((B, PS, DI), dtype), sd((B, PT, HI), jnp.float32), sd((B, PS), jnp.float32))
-    return lambda q, k, w, ks: indexer_topk_triton(q, k, w, topk=K, k_scale=ks, q_offset=PS - PT, key_loop=True), args
+    return lambda q, k, w, ks: indexer_topk_triton(q, k, w, topk=K, k_scale=ks, q_offset=PS - PT, key_loop=True,
+                                                   topk_kernel=False), args
 
 
 KERNELS |= {"indexer_topk_key_loop": key_loop_case(jnp.bfloat16),
             "indexer_topk_key_loop_fp8": key_loop_case(jnp.float8_e4m3fn),
-            # The top-k as a kernel: one [chunk, S] scores block (sampled path), then behind the scores kernel.
+            # The top-k as a kernel: one [chunk, S] scores block (sampled path), then behind the key-loop scores
+            # kernel (the defaults).
             "select_topk_triton": (lambda x: select_topk_triton(x, K), (sd((PT, PS), jnp.float32),)),
-            "indexer_topk_topk_kernel": (lambda *a: indexer_topk_triton(*a, topk=K, q_offset=PS - PT, topk_kernel=True),
+            "indexer_topk_topk_kernel": (lambda *a: indexer_topk_triton(*a, topk=K, q_offset=PS - PT),
                                          (sd((B, PT, HI, DI), jnp.bfloat16), sd((B, PS, DI), jnp.bfloat16),
                                           sd((B, PT, HI), jnp.float32)))}
 
@@ -109,7 +112,7 @@ KERNELS |= {"indexer_topk_decode_t1": decode_case(1, jnp.bfloat16), "indexer_top
 def test_fp8_indexer_dots_are_marked_for_wgmma(dtype):
     """The indexer kernels' fp8 x fp8 -> float32 dots carry maxNumImpreciseAcc (Triton's condition for Hopper's
     fp8 wgmma, else an f16 upcast on mma.sync: pallas_kernels/triton_lowering.py); bf16 dots do not."""
-    grid = (lambda q, k, w, ks: indexer_topk_triton(q, k, w, topk=K, k_scale=ks, q_offset=S - T),
+    grid = (lambda q, k, w, ks: indexer_topk_triton(q, k, w, topk=K, k_scale=ks, q_offset=S - T, key_loop=False),
             (sd((B, T, HI, DI), dtype), sd((B, S, DI), dtype), sd((B, T, HI), jnp.float32), sd((B, S), jnp.float32)))
     for fn, args in (grid, key_loop_case(dtype), decode_case(1, dtype)):
         dots = [line for ir, *_ in triton_kernels(fn, *args) for line in ir.splitlines() if "tt.dot " in line]
