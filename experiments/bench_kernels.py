@@ -38,7 +38,8 @@ valid rows · Dqk · 2 + T·H·(Dqk + Dv)·2; dense causal FLOPs = T²·H·(192 
 fractions use --peak_tflops and --peak_gbs (H200 measured here: ~790 TFLOP/s bf16, ~4.3 TB/s).
 Decode indexer (`ops.indexer_topk_decode`'s Triton kernel + select_topk; B=64 sequences, S=128K
 valid keys, T=1 query, 64 heads x 128, bf16 then fp8 keys with scales, on the last layer of an
-L=2 stacked cache): each --decode_configs tile (block_s:num_warps) in bf16, the best one in
+L=2 stacked cache): each --decode_configs tile (block_s:num_warps:blocks:num_stages, blocks = key
+blocks per program, in a loop) in bf16, the best one in
 fp8, its scores kernel alone, the best with the top-k kernel (checked equal), and in the same
 run the old path on the sliced layer (the XLA reference; the prefill kernel once per query). GB/s counts the layer's key (+ scale) bytes,
 read once: the target is >= 70 % of --peak_gbs (perf_targets.md); see `_decode`.
@@ -134,8 +135,12 @@ _DECODE_BATCH = flags.DEFINE_integer("decode_batch", 64, "decode: sequences B")
 _DECODE_LEN = flags.DEFINE_integer("decode_len", 131072, "decode: cached keys per sequence S (all valid)")
 _DECODE_QUERIES = flags.DEFINE_integer("decode_queries", 1, "decode: queries per sequence T (1 + speculative drafts)")
 _DECODE_LAYERS = flags.DEFINE_integer("decode_layers", 2, "decode: layers L of the stacked cache (the last is read)")
-_DECODE_CONFIGS = flags.DEFINE_list("decode_configs", ["128:4", "256:4", "256:8", "64:4"],
-                                    "decode kernel tiles block_s:num_warps, ...")
+# On an H200 (2026-11-29, one block per program) 128:4 took 1.68 ms, 256:4 1.77, 256:8 1.80, 64:4 1.88: 30 % of HBM
+# bandwidth. The key loop (blocks > 1, pipelined over num_stages) is untimed.
+_DECODE_CONFIGS = flags.DEFINE_list("decode_configs", ["128:4:1:1", "128:4:8:3", "128:8:8:3", "64:4:16:3",
+                                                      "256:8:4:2"],
+                                    "decode kernel tiles block_s:num_warps:blocks:num_stages (blocks: key blocks per "
+                                    "program, in a loop), ...")
 # On an H200 (2026-11-29) 32:64:4:1 took 0.37 ms, 64:32:8:1 0.44, 32:64:4:2 0.44, 32:64:8:1 0.47. triton_static:
 # 16:64:4:1 does not spill and keeps 2 programs per SM, as 32:64:4:1 does (32 B spilled).
 _DECODE_MLA_CONFIGS = flags.DEFINE_list("decode_mla_configs", ["32:64:4:1", "16:64:4:1", "64:32:8:1", "32:64:4:2"],
@@ -228,7 +233,7 @@ def topk_tiles(cfg):
 
 def decode_tiles(cfg):
     """The decode indexer's keywords of a --decode_configs entry."""
-    return _tiles(cfg, "decode_configs", ("block_s", "num_warps"))
+    return _tiles(cfg, "decode_configs", ("block_s", "num_warps", "blocks", "num_stages"))
 
 
 def decode_mla_tiles(cfg):

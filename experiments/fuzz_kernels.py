@@ -10,7 +10,7 @@ Each case draws sizes that are multiples of no block (T, S, K, heads, head dims)
 offsets, negative ones included, per-sequence and per-query key limits, S < topk, unused and
 repeated selected rows), dtypes (float32, bfloat16; fp8 e4m3 with per-key scales for the indexers)
 and the kernel's tiles (chunks, causal runs, key blocks, key loop, top-k kernel or selection, head
-and row blocks, value split, split dkv, launch order, decode splits), runs the kernel (compiled on
+and row blocks, value split, split dkv, launch order, decode splits and key loops), runs the kernel (compiled on
 its accelerator, interpreted elsewhere; a Triton kernel off GPU is also lowered for CUDA, which the
 interpreter never does: `triton_lowering.export_for_cuda`) and its reference, and checks
 - indexers: -1s only after the selected keys, no key twice, none past the query's limit, and the
@@ -156,7 +156,8 @@ def indexer_decode_case(rng, impl, params):
     k_len = jnp.asarray(rng.integers(0, s + 3, size=(b, t)), jnp.int32)
     q, k_cache, w, k_scale = _indexer_inputs(rng, (b, t, h, d), (layers, b, s, d), fp8=rng.random() < 0.3)
     if impl == "triton":
-        tiles = {"block_s": _pick(rng, 16, 64, 128), "topk_kernel": _pick(rng, False, True)}
+        tiles = {"block_s": _pick(rng, 16, 64, 128), "topk_kernel": _pick(rng, False, True),
+                 "blocks": _pick(rng, 1, 2, 5), "num_stages": _pick(rng, 1, 3)}
         kernel = indexer_topk_decode_triton
     else:
         tiles = {"selection": _pick(rng, *SELECTIONS)}

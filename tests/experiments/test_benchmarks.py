@@ -16,7 +16,7 @@ KERNELS = ["--interpret", "--seq_lens=128", "--sweep_len=128", "--check_len=64",
            "--v_dim=32", "--rope_dim=16", "--configs=16:16:4:1,16:16:4:1:v2", "--max_reference_len=128", "--repeats=1",
            "--bwd_configs=16:16:4:1,16:16:4:1:split", "--bwd_len=128", "--max_reference_bwd_len=128",
            "--index_heads=4", "--index_dim=16", "--index_configs=4:16:4:1,4:16:4:1:loop", "--index_chunk=64",
-           "--decode_batch=2", "--decode_len=256", "--decode_configs=64:4", "--decode_mla_configs=16:16:4:1,16:16:4:2",
+           "--decode_batch=2", "--decode_len=256", "--decode_configs=64:4:1:1,32:4:4:2", "--decode_mla_configs=16:16:4:1,16:16:4:2",
            "--topk_configs=64:4"]
 
 
@@ -76,7 +76,7 @@ def test_triton_static_compiles_every_kernel_offline(tmp_path):
     triton's compiler and ptxas) and reports its resources; the defaults fit an H200's 227 KiB of shared memory."""
     out = tmp_path / "static.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu", TRITON_DEFAULT_FP_FUSION="1")
-    flags = ["--index_configs=4:128:8:2,2:128:8:2:loop", "--topk_configs=4096:8", "--decode_configs=128:4",
+    flags = ["--index_configs=4:128:8:2,2:128:8:2:loop", "--topk_configs=4096:8", "--decode_configs=128:4:1:1,128:4:8:3",
              "--configs=32:64:4:2",
              "--bwd_configs=32:32:8:2,32:16:8:2:split", "--decode_mla_configs=32:64:4:1"]
     proc = subprocess.run([sys.executable, "-m", "experiments.triton_static", f"--static_out={out}", *flags],
@@ -86,7 +86,7 @@ def test_triton_static_compiles_every_kernel_offline(tmp_path):
     assert [(r["kernel"], r["config"], r["call"]) for r in rows] == [
         ("indexer", "4:128:8:2", 0), ("indexer", "2:128:8:2:loop", 0), ("indexer_fp8", "4:128:8:2", 0),
         ("indexer_fp8", "2:128:8:2:loop", 0), ("topk", "4096:8", 0),
-        ("decode_indexer", "128:4", 0),
+        ("decode_indexer", "128:4:1:1", 0), ("decode_indexer", "128:4:8:3", 0),
         ("sparse_mla_fwd", "32:64:4:2", 0), ("sparse_mla_bwd", "32:32:8:2", 0),
         ("sparse_mla_bwd", "32:16:8:2:split", 0), ("sparse_mla_bwd", "32:16:8:2:split", 1),
         ("decode_mla", "32:64:4:1", 0)]

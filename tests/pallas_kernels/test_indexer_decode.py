@@ -3,7 +3,8 @@
 
 Inputs: one layer (> 0, static or traced) of a stacked cache of L = 3 layers, S = 300 keys (not a
 multiple of either kernel's key block: 64 for Triton, 128 for Mosaic, in several blocks whose
-last one is partial; blocks past a sequence's keys are skipped), T = 1 or 3 queries with
+last one is partial; blocks past a sequence's keys are skipped; the Triton kernel also with 3
+key blocks of 32 per program, in its loop), T = 1 or 3 queries with
 ragged key limits per (sequence, query), including k_len = 0 and k_len < topk (-1 slots).
 Kernels must select the reference's set (or equal scores where summation order flips a
 near-tie) and list it in ascending index order. A cached model step with attention_impl="pallas"
@@ -23,13 +24,18 @@ from deepseek_jax.generate import prefill
 from pallas_kernels import ops
 from pallas_kernels.indexer.mosaic_decode import indexer_topk_decode_mosaic
 from pallas_kernels.indexer.reference import indexer_topk_decode_reference
-from pallas_kernels.indexer.triton_decode import indexer_topk_decode_triton
+from pallas_kernels.indexer.triton_decode import (
+    indexer_scores_decode_triton,
+    indexer_topk_decode_triton,
+)
 from tests.pallas_kernels.test_indexer import ascending_then_padding, same_selection
 from tests.test_generate import random_params
 
 L, B, S, H, D, TOPK = 3, 2, 300, 5, 32, 8
 # Several key blocks, the last one partial (the ops entry point uses the default tiles: 128 and 384 here).
-KERNELS = {"triton": (indexer_topk_decode_triton, 64), "mosaic": (indexer_topk_decode_mosaic, 128),
+KERNELS = {"triton": (indexer_topk_decode_triton, 64),
+           "triton_key_loop": (functools.partial(indexer_topk_decode_triton, blocks=3), 32),
+           "mosaic": (indexer_topk_decode_mosaic, 128),
            "mosaic_radix": (functools.partial(indexer_topk_decode_mosaic, selection="radix"), 128)}
 K_LEN = {1: [[300], [5]],                      # full cache; fewer keys than topk
          3: [[300, 3, 0], [17, 133, 140]]}     # a query with no key; queries of one sequence differ
@@ -165,6 +171,20 @@ def test_topk_kernel_equals_select_topk():
     run = lambda topk_kernel: np.asarray(indexer_topk_decode_triton(
         q, k_cache, w, 1, k_len, topk=TOPK, k_scale=k_scale, topk_kernel=topk_kernel, block_s=64, interpret=True))
     np.testing.assert_array_equal(run(True), run(False))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float8_e4m3fn])
+def test_key_loop_scores_equal_one_block_per_program(dtype):
+    """blocks > 1 (key blocks per program, in a loop) computes each block as blocks = 1 does: the same scores
+    bitwise, -inf past each query's k_len and past S, over a cache of no whole programs (S = 300, 96 keys each)."""
+    q, k_cache, w, k_scale, k_len = decode_inputs(3, dtype)
+    scores = lambda blocks: np.asarray(indexer_scores_decode_triton(q, k_cache, w, 2, k_len, k_scale, block_s=32,
+                                                                    blocks=blocks, interpret=True))[:, :3, :S]
+    one, loop = scores(1), scores(3)
+    np.testing.assert_array_equal(loop, one)
+    assert np.isneginf(one[1, 0, 17:]).all() and np.isfinite(one[1, 1, :133]).all()
+    with pytest.raises(ValueError, match="blocks .* must be >= 1"):
+        indexer_scores_decode_triton(q, k_cache, w, 2, k_len, k_scale, blocks=0, interpret=True)
 
 
 def test_mosaic_rejects_an_unknown_selection():

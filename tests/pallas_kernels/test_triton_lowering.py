@@ -10,7 +10,7 @@ Tracing only: nothing executes, so real sizes cost little.
 
 The decode indexer at V3.2 decode shapes (B = 64 sequences, T = 1 or 2 queries, S = 128K cached
 keys, and S - 3 where the last key block's loads are masked; a stacked cache of L = 2 layers, bf16
-and fp8) also reads the cache in place: no
+and fp8; one key block per program or 8 in a pipelined loop) also reads the cache in place: no
 dynamic-slice of a layer appears in the module, except where an fp8 cache of 2-4 GiB makes it
 fall back to a copy of the layer (32-bit offsets). The prefill indexer runs the batch in groups
 where an fp8 query chunk or k of 2-4 GiB would overflow them: no fp8 operand of a Triton call
@@ -89,14 +89,14 @@ KERNELS |= {"indexer_topk_key_loop": key_loop_case(jnp.bfloat16),
                                           sd((B, PT, HI), jnp.float32)))}
 
 
-def decode_case(t, dtype, layers=2, topk_kernel=False, s=DS):
+def decode_case(t, dtype, layers=2, topk_kernel=False, s=DS, **tiles):
     """The decode indexer (scores kernel + select_topk) on layer `layer` (traced) of a stacked cache of s keys."""
     scaled = dtype == jnp.float8_e4m3fn
     args = (sd((DB, t, HI, DI), dtype), sd((layers, DB, s, DI), dtype), sd((DB, t, HI), jnp.float32),
             sd((), jnp.int32), sd((DB, t), jnp.int32)) + ((sd((layers, DB, s), jnp.float32),) if scaled else ())
     return lambda q, k, w, layer, k_len, *ks: indexer_topk_decode_triton(q, k, w, layer, k_len, topk=K,
                                                                         k_scale=ks[0] if ks else None,
-                                                                        topk_kernel=topk_kernel), args
+                                                                        topk_kernel=topk_kernel, **tiles), args
 
 
 KERNELS |= {"indexer_topk_decode_t1": decode_case(1, jnp.bfloat16), "indexer_topk_decode_t2": decode_case(2, jnp.bfloat16),
@@ -105,7 +105,11 @@ KERNELS |= {"indexer_topk_decode_t1": decode_case(1, jnp.bfloat16), "indexer_top
             "indexer_topk_decode_topk_kernel": decode_case(1, jnp.bfloat16, topk_kernel=True),
             # A cache of no whole key blocks: the last block's loads are masked (an fp8 fill did not lower).
             "indexer_topk_decode_ragged": decode_case(1, jnp.bfloat16, s=DS - 3),
-            "indexer_topk_decode_fp8_ragged": decode_case(1, jnp.float8_e4m3fn, s=DS - 3)}
+            "indexer_topk_decode_fp8_ragged": decode_case(1, jnp.float8_e4m3fn, s=DS - 3),
+            # Key blocks in a pipelined loop, 8 per program.
+            "indexer_topk_decode_key_loop": decode_case(2, jnp.bfloat16, blocks=8, num_stages=3),
+            "indexer_topk_decode_key_loop_fp8_ragged": decode_case(1, jnp.float8_e4m3fn, s=DS - 3, blocks=8,
+                                                                   num_stages=3)}
 
 
 @pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.bfloat16])
