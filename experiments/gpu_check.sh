@@ -58,9 +58,9 @@ fi
 if [[ $PART == all || $PART == kernels ]]; then
   caps=(45 40 60 90 60)
   tiles=(--decode_configs=128:4:1:1 --decode_mla_configs=32:64:4:1 --configs=32:64:4:2 --index_configs=2:128:8:2:loop
-         --topk_configs=4096:8 --bwd_configs=32:32:8:2 --seq_lens=16384,65536)
+         --index_fp8_configs=2:128:8:2:loop --topk_configs=4096:8 --bwd_configs=32:32:8:2 --seq_lens=16384,65536)
 elif [[ $PART == sweep ]]; then
-  caps=(60 45 120 240 90)
+  caps=(60 45 120 260 70)
   tiles=(--seq_lens=16384,65536)
 fi
 if [[ $PART == all || $PART == kernels || $PART == sweep ]]; then

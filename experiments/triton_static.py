@@ -1,7 +1,7 @@
 """Static check of the Triton kernels without a GPU: registers, spills, shared memory, MMA kind.
 
     python -m experiments.triton_static [--kernels=indexer,sparse_mla_fwd,...] [--out=triton_static.json]
-        [--index_configs=...] [--topk_configs=...] [--configs=...] [--bwd_configs=...] [--decode_configs=...] [--decode_mla_configs=...]
+        [--index_configs=...] [--index_fp8_configs=...] [--topk_configs=...] [--configs=...] [--bwd_configs=...] [--decode_configs=...] [--decode_mla_configs=...]
 
 For each kernel and each tile config of `experiments/bench_kernels.py`'s sweeps (the same flags
 and defaults), at V3.2 shapes, the Pallas kernel is lowered for CUDA on this CPU machine, its
@@ -173,8 +173,9 @@ def compile_stats(ttir: str, num_warps: int, num_stages: int, arch: int) -> dict
 
 def _cases():
     """(kernel, config, fn, args) for every configured tile of every kernel, at V3.2 shapes."""
-    for kernel, dtype in (("indexer", BF16), ("indexer_fp8", jnp.float8_e4m3fn)):
-        for cfg in bench._INDEX_CONFIGS.value:
+    for kernel, dtype, configs in (("indexer", BF16, bench._INDEX_CONFIGS.value),
+                                   ("indexer_fp8", jnp.float8_e4m3fn, bench._INDEX_FP8_CONFIGS.value)):
+        for cfg in configs:
             args = (sd((1, 512, HI, DI), dtype), sd((1, 65536, DI), dtype), sd((1, 512, HI), F32), sd((1, 65536), F32),
                     sd((1,), I32), sd((512,), I32))
             scores = functools.partial(indexer_scores_triton, q_offset=65536 - 512, **bench.index_tiles(cfg))

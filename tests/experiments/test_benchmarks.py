@@ -15,7 +15,8 @@ ROOT = pathlib.Path(__file__).parents[2]
 KERNELS = ["--interpret", "--seq_lens=128", "--sweep_len=128", "--check_len=64", "--topk=32", "--heads=16",
            "--v_dim=32", "--rope_dim=16", "--configs=16:16:4:1,16:16:4:1:v2", "--max_reference_len=128", "--repeats=1",
            "--bwd_configs=16:16:4:1,16:16:4:1:split", "--bwd_len=128", "--max_reference_bwd_len=128",
-           "--index_heads=4", "--index_dim=16", "--index_configs=4:16:4:1,4:16:4:1:loop", "--index_chunk=64",
+           "--index_heads=4", "--index_dim=16", "--index_configs=4:16:4:1,4:16:4:1:loop", "--index_fp8_configs=2:16:4:1:loop",
+           "--index_chunk=64",
            "--decode_batch=2", "--decode_len=256", "--decode_configs=64:4:1:1,32:4:4:2", "--decode_mla_configs=16:16:4:1,16:16:4:2",
            "--topk_configs=64:4"]
 
@@ -39,7 +40,8 @@ def test_bench_kernels_every_part(tmp_path):
                    "indexer_topk pallas 1 run", "indexer_topk xla reference", "indexer + sparse_mla (pallas)",
                    "sparse_mla bwd pallas [16:16:4:1]", "sparse_mla bwd pallas [16:16:4:1:split]",
                    "sparse_mla pallas query-major", "sparse_mla bwd pallas query-major",
-                   "indexer_topk pallas select_topk", "top-k kernel [64:4]", "decode indexer topk kernel"):
+                   "indexer_topk pallas select_topk", "indexer_topk pallas fp8 key-loop [2:16:4:1:loop]",
+                   "top-k kernel [64:4]", "decode indexer topk kernel"):
         assert any(n.startswith(prefix) for n in names), (prefix, names)
     assert all(r["ms"] > 0 for r in result["rows"])
     # every indexer variant selected the reference's keys; the attention kernels stayed within bf16 error
@@ -76,7 +78,7 @@ def test_triton_static_compiles_every_kernel_offline(tmp_path):
     triton's compiler and ptxas) and reports its resources; the defaults fit an H200's 227 KiB of shared memory."""
     out = tmp_path / "static.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu", TRITON_DEFAULT_FP_FUSION="1")
-    flags = ["--index_configs=4:128:8:2,2:128:8:2:loop", "--topk_configs=4096:8", "--decode_configs=128:4:1:1,128:4:8:3",
+    flags = ["--index_configs=4:128:8:2,2:128:8:2:loop", "--index_fp8_configs=4:128:8:2:loop", "--topk_configs=4096:8", "--decode_configs=128:4:1:1,128:4:8:3",
              "--configs=32:64:4:2",
              "--bwd_configs=32:32:8:2,32:16:8:2:split", "--decode_mla_configs=32:64:4:1"]
     proc = subprocess.run([sys.executable, "-m", "experiments.triton_static", f"--static_out={out}", *flags],
@@ -84,8 +86,8 @@ def test_triton_static_compiles_every_kernel_offline(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [(r["kernel"], r["config"], r["call"]) for r in rows] == [
-        ("indexer", "4:128:8:2", 0), ("indexer", "2:128:8:2:loop", 0), ("indexer_fp8", "4:128:8:2", 0),
-        ("indexer_fp8", "2:128:8:2:loop", 0), ("topk", "4096:8", 0),
+        ("indexer", "4:128:8:2", 0), ("indexer", "2:128:8:2:loop", 0), ("indexer_fp8", "4:128:8:2:loop", 0),
+        ("topk", "4096:8", 0),
         ("decode_indexer", "128:4:1:1", 0), ("decode_indexer", "128:4:8:3", 0),
         ("sparse_mla_fwd", "32:64:4:2", 0), ("sparse_mla_bwd", "32:32:8:2", 0),
         ("sparse_mla_bwd", "32:16:8:2:split", 0), ("sparse_mla_bwd", "32:16:8:2:split", 1),
