@@ -132,6 +132,9 @@ _INDEX_FP8_CONFIGS = flags.DEFINE_list("index_fp8_configs", ["2:128:8:2:loop", "
 # experiments/triton_static: no spills; 128 registers at 8 warps (2 programs per SM), 168 at 4 warps (3 per SM).
 _TOPK_CONFIGS = flags.DEFINE_list("topk_configs", ["4096:8", "2048:4"],
                                   "top-k kernel (select_topk_triton) tiles block:num_warps, ...")
+_INDEX_VARIANTS = flags.DEFINE_bool("index_variants", True, "indexer: also time, at every length, the forms the "
+                                    "defaults replaced (one causal run, select_topk) and the per-chunk split "
+                                    "(gpu_check.sh's quick 'kernels' part turns this off)")
 _INDEX_CHUNK = flags.DEFINE_integer("index_chunk", 512, "queries per indexer chunk (indexer_topk_triton's default)")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "run the kernel in Pallas interpret mode (CPU smoke runs)")
 _PART_NAMES = ("decode", "decode_mla", "sparse_mla", "indexer", "backward")
@@ -352,15 +355,16 @@ def _indexer(prefill_seconds):
         per_kernel = {cfg: _time(kernel_fn(cfg), q, kk, ww) for cfg in bests.values()}
         rows += [_row(f"indexer_topk pallas {_index_label(cfg)}", t, sec, flops(t), nbytes(t))
                  for cfg, sec in per_kernel.items()]
-        # The baseline of the causal runs: every chunk scored and top-k'd against all T keys.
-        one_run = _time(kernel_fn(best, segments=1), q, kk, ww)
-        rows.append(_row(f"indexer_topk pallas 1 run {_index_label(best)}", t, one_run, flops(t), nbytes(t)))
-        print(f"indexer at T={t}: causal runs {one_run / per_kernel[best]:.2f}x faster than 1 run", flush=True)
-        # The top-k by select_topk (XLA) in place of the top-k kernel (select_topk_triton, default tiles).
-        radix = _time(kernel_fn(best, topk_kernel=False), q, kk, ww)
-        rows.append(_row(f"indexer_topk pallas select_topk {_index_label(best)}", t, radix, flops(t), nbytes(t)))
-        print(f"indexer at T={t}: the top-k kernel {radix / per_kernel[best]:.2f}x faster than select_topk",
-              flush=True)
+        if _INDEX_VARIANTS.value:
+            # The baseline of the causal runs: every chunk scored and top-k'd against all T keys.
+            one_run = _time(kernel_fn(best, segments=1), q, kk, ww)
+            rows.append(_row(f"indexer_topk pallas 1 run {_index_label(best)}", t, one_run, flops(t), nbytes(t)))
+            print(f"indexer at T={t}: causal runs {one_run / per_kernel[best]:.2f}x faster than 1 run", flush=True)
+            # The top-k by select_topk (XLA) in place of the top-k kernel (select_topk_triton, default tiles).
+            radix = _time(kernel_fn(best, topk_kernel=False), q, kk, ww)
+            rows.append(_row(f"indexer_topk pallas select_topk {_index_label(best)}", t, radix, flops(t), nbytes(t)))
+            print(f"indexer at T={t}: the top-k kernel {radix / per_kernel[best]:.2f}x faster than select_topk",
+                  flush=True)
         if sweep8:  # the fastest fp8 tiles
             best8 = min(sweep8, key=sweep8.get)
             q8, k8 = q.astype(jnp.float8_e4m3fn), kk.astype(jnp.float8_e4m3fn)
@@ -374,7 +378,8 @@ def _indexer(prefill_seconds):
             rows.append(_row("indexer + sparse_mla (pallas)", t, dsa, flops(t), nbytes(t)))
             print(f"DSA at T={t}: indexer + sparse_mla {dsa * 1e3:.1f} ms vs cuDNN dense causal {dense * 1e3:.1f} ms: "
                   f"{dense / dsa:.2f}x faster (target: 3x at 64K)", flush=True)
-        rows += _indexer_split(t, q, kk, ww, best)
+        if _INDEX_VARIANTS.value:
+            rows += _indexer_split(t, q, kk, ww, best)
     return rows
 
 

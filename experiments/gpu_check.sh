@@ -56,9 +56,10 @@ fi
 
 # Kernels: "kernels" times the defaults only (one tile config per kernel), "sweep" every config.
 if [[ $PART == all || $PART == kernels ]]; then
-  caps=(45 40 60 90 60)
+  caps=(40 35 60 110 55)
   tiles=(--decode_configs=128:4:1:1 --decode_mla_configs=32:64:4:1 --configs=32:64:4:2 --index_configs=2:128:8:2:loop
-         --index_fp8_configs=2:128:8:2:loop --topk_configs=4096:8 --bwd_configs=32:32:8:2 --seq_lens=16384,65536)
+         --index_fp8_configs=2:128:8:2:loop --topk_configs=4096:8 --bwd_configs=32:32:8:2 --seq_lens=16384,65536
+         --noindex_variants)
 elif [[ $PART == sweep ]]; then
   caps=(60 45 120 260 70)
   tiles=(--seq_lens=16384,65536)
