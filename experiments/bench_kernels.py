@@ -312,7 +312,7 @@ def _indexer(prefill_seconds):
     # Index sets are compared sorted: the kernels list them ascending, the reference by score.
     agreement = lambda got, ref: float(jnp.mean(jnp.sort(got, axis=-1) == jnp.sort(ref, axis=-1)))
 
-    def check_and_sweep(configs, dtype, label, nbytes):
+    def check_and_sweep(configs, dtype, label, bytes_at):
         """{config: seconds at --sweep_len} of the configs that ran, each first checked at --check_len."""
         q, kk, ww = inputs(_CHECK_LEN.value)
         q, kk = q.astype(dtype), kk.astype(dtype)
@@ -332,7 +332,7 @@ def _indexer(prefill_seconds):
         for cfg in ran:
             sweep[cfg] = _time(kernel_fn(cfg), q, kk, ww)
             rows.append(_row(f"indexer_topk pallas {label}{_index_label(cfg)}", _SWEEP_LEN.value, sweep[cfg],
-                             flops(_SWEEP_LEN.value), nbytes(_SWEEP_LEN.value)))
+                             flops(_SWEEP_LEN.value), bytes_at(_SWEEP_LEN.value)))
         return sweep
 
     sweep = check_and_sweep(_INDEX_CONFIGS.value, jnp.bfloat16, "", nbytes)

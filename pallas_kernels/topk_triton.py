@@ -200,7 +200,8 @@ def select_topk_triton(scores, k, *, block=BLOCK, max_block=MAX_BLOCK, num_warps
     sample_block = min(next_pow2(-(-n // SAMPLE_STRIDE)), max_block)
     buffer_block = min(next_pow2(buffer), max_block)
     buffer_slots = -(-buffer // buffer_block) * buffer_block + 1  # + the dump slot
-    out_slots = -(-k // _out_block(k)) * _out_block(k) + 1
+    out_block = _out_block(k)
+    out_slots = -(-k // out_block) * out_block + 1  # + the dump slot
     # A row of one block is read at a static start, so it is padded with -inf to the block (module docstring);
     # longer rows are read at traced starts with the tail masked, not copied.
     x = scores.reshape(-1, n).astype(jnp.float32)

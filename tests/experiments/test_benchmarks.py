@@ -80,7 +80,7 @@ def test_triton_static_compiles_every_kernel_offline(tmp_path):
     """experiments.triton_static compiles one config of each Triton kernel for sm_90a on this CPU machine (pip
     triton's compiler and ptxas) and reports its resources; the defaults fit an H200's 227 KiB of shared memory."""
     out = tmp_path / "static.json"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TRITON_DEFAULT_FP_FUSION="1")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     flags = ["--index_configs=4:128:8:2,2:128:8:2:loop", "--index_fp8_configs=4:128:8:2:loop", "--topk_configs=4096:8", "--decode_configs=128:4:1:1,128:4:8:3",
              "--configs=32:64:4:2",
              "--bwd_configs=32:32:8:2,32:16:8:2:split", "--decode_mla_configs=32:64:4:1"]
