@@ -13,9 +13,11 @@ sparse_mla forward (V3.2 shapes: H=128 heads, Dqk=576, Dv=512, k=2048, one KV ro
     (cuDNN on GPU), q/k 192-d, v 128-d padded to 192 (cuDNN wants equal dims; FLOPs count 128).
 indexer_topk (V3.2: 64 heads x 128, bf16 q/k, fp32 head weights): the scores kernel with a
 chunked top-k (the top-k kernel `select_topk_triton`, the default), each --index_configs tile at
---sweep_len, then at every length the best grid config and the best key-loop config (a config
-ending in ":loop": `key_loop=True`, one program per query tile looping over the key blocks; rows
-labelled "grid" / "key-loop", and the sweep prints which is faster), each --index_fp8_configs tile
+--sweep_len, then at every length the best config of each kernel: the Triton grid kernel, the Triton
+key-loop kernel (a config ending in ":loop": `key_loop=True`, one program per query tile looping over
+the key blocks) and the Mosaic GPU kernel (":mgpu", `pallas_kernels/indexer/mosaic_gpu.py`: TMA,
+wgmma, a producer and two consumer warpgroups); rows labelled "grid" / "key-loop" / "mosaic-gpu",
+and the sweep prints each against the fastest; each --index_fp8_configs tile
 in fp8 e4m3 q and k at --sweep_len and the best of them at every length, and,
 as the baseline of the causal runs (`segments`: each run of query chunks scored against only the
 keys its last query sees), the overall best with segments=1 (every chunk against all T keys) and
@@ -67,6 +69,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from pallas_kernels import topk as topk_lib
+from pallas_kernels.indexer.mosaic_gpu import indexer_scores_mosaic_gpu
 from pallas_kernels.indexer.reference import (
     indexer_topk_decode_reference,
     indexer_topk_reference,
@@ -121,13 +124,15 @@ _INDEX_DIM = flags.DEFINE_integer("index_dim", 128, "indexer head dim")
 # On an H200 (2026-11-29, T=16K) key-loop 2:128:8:2 took 10.8 ms, 2:64:8:2 11.8, 4:128:8:1 12.6, 4:64:8:2 14.0; the
 # grid kernel 4:128:8:2 14.2 (kept as the baseline), 2:64:4:2 14.3, 4:64:8:2 14.3, 8:64:8:2 15.4. triton_static:
 # none of these spills (4-warp and block_t=4 key-loop tiles at block_s=128 do).
+# The Mosaic GPU kernel (":mgpu"; untimed): 2:128 and 4:64 hold 128 accumulator registers per consumer thread.
 _INDEX_CONFIGS = flags.DEFINE_list("index_configs", ["2:128:8:2:loop", "2:128:8:3:loop", "2:64:8:2:loop",
-                                                    "2:64:8:3:loop", "4:128:8:2"],
-                                   "indexer tiles block_t:block_s:num_warps:num_stages[:loop] (:loop = the key-loop "
-                                   "kernel), ...")
+                                                    "2:64:8:3:loop", "4:128:8:2", "2:128:12:3:mgpu",
+                                                    "4:64:12:3:mgpu", "2:64:12:4:mgpu"],
+                                   "indexer tiles block_t:block_s:num_warps:num_stages[:loop|:mgpu] (:loop = the "
+                                   "Triton key-loop kernel, :mgpu = the Mosaic GPU kernel, num_warps 12), ...")
 # FP8 tiles hold half the bytes: triton_static compiles these without spills (4:128 and 2:256 spill in bf16). Untimed.
 _INDEX_FP8_CONFIGS = flags.DEFINE_list("index_fp8_configs", ["2:128:8:2:loop", "4:128:8:2:loop", "2:256:8:2:loop",
-                                                            "4:256:8:2:loop"],
+                                                            "4:256:8:2:loop", "2:128:12:4:mgpu", "4:64:12:4:mgpu"],
                                        "indexer tiles for fp8 q and k, swept apart (same format as --index_configs)")
 # experiments/triton_static: no spills; 128 registers at 8 warps (2 programs per SM), 168 at 4 warps (3 per SM).
 _TOPK_CONFIGS = flags.DEFINE_list("topk_configs", ["4096:8", "2048:4"],
@@ -230,8 +235,21 @@ def bwd_tiles(cfg):
 
 
 def index_tiles(cfg):
-    """indexer_topk_triton's keywords of an --index_configs entry (":loop": the key-loop kernel)."""
-    return _tiles(cfg, "index_configs", ("block_t", "block_s", "num_warps", "num_stages"), "loop", "key_loop")
+    """indexer_topk_triton's keywords of an --index_configs entry (":loop": the Triton key-loop kernel; ":mgpu": the
+    Mosaic GPU kernel, block_t queries per consumer warpgroup, num_stages key slots, num_warps 12: its 3 warpgroups)."""
+    base, kind = cfg.removesuffix(":mgpu"), "mgpu"
+    if base == cfg:
+        return _tiles(cfg, "index_configs", ("block_t", "block_s", "num_warps", "num_stages"), "loop", "key_loop")
+    tiles = _tiles(base, "index_configs", ("block_t", "block_s", "num_warps", "num_stages"))
+    if tiles.pop("num_warps") != 12:
+        raise ValueError(f"--index_configs entry {cfg!r}: a :{kind} config runs 3 warpgroups, num_warps 12")
+    return tiles | {"mosaic_gpu": True}
+
+
+def index_kind(cfg):
+    """The kernel an --index_configs entry runs: "grid", "key-loop" or "mosaic-gpu"."""
+    tiles = index_tiles(cfg)
+    return "mosaic-gpu" if tiles.get("mosaic_gpu") else "key-loop" if tiles["key_loop"] else "grid"
 
 
 def topk_tiles(cfg):
@@ -250,7 +268,7 @@ def decode_mla_tiles(cfg):
 
 
 def _index_label(cfg):
-    return f"{'key-loop' if index_tiles(cfg)['key_loop'] else 'grid'} [{cfg}]"
+    return f"{index_kind(cfg)} [{cfg}]"
 
 
 def _indexer_split(t, q, kk, ww, cfg):
@@ -260,8 +278,10 @@ def _indexer_split(t, q, kk, ww, cfg):
     q_c, w_c = q[:, t - chunk:], ww[:, t - chunk:]
     positions = jnp.arange(t - chunk, t, dtype=jnp.int32)
     ones, k_len = jnp.ones((1, t), jnp.float32), jnp.full((1,), t, jnp.int32)
-    scores_fn = jax.jit(lambda q_c, kk, w_c: indexer_scores_triton(
-        q_c, kk, w_c, ones, k_len, positions, interpret=_INTERPRET.value, **index_tiles(cfg)))
+    tiles = index_tiles(cfg)
+    scores = indexer_scores_mosaic_gpu if tiles.pop("mosaic_gpu", False) else indexer_scores_triton
+    scores_fn = jax.jit(lambda q_c, kk, w_c: scores(q_c, kk, w_c, ones, k_len, positions, interpret=_INTERPRET.value,
+                                                    **tiles))
     scores = scores_fn(q_c, kk, w_c)[0]  # [chunk, t] float32
     select = jax.jit(lambda x: topk_lib.select_topk(x, k))
     lax_topk = jax.jit(lambda x: jax.lax.top_k(x, min(k, t))[1])
@@ -340,15 +360,14 @@ def _indexer(prefill_seconds):
     if not sweep:
         return rows
     best = min(sweep, key=sweep.get)
-    # The fastest config of each kernel (grid, key-loop): both are timed at every length.
+    # The fastest config of each kernel (grid, key-loop, mosaic-gpu): each is timed at every length.
     bests = {}
     for cfg in sorted(sweep, key=sweep.get):
-        bests.setdefault(index_tiles(cfg)["key_loop"], cfg)
-    if len(bests) == 2:
-        grid, loop = bests[False], bests[True]
-        print(f"indexer at T={_SWEEP_LEN.value}: key-loop [{loop}] {sweep[loop] * 1e3:.2f} ms vs grid [{grid}] "
-              f"{sweep[grid] * 1e3:.2f} ms: {'key-loop' if sweep[loop] < sweep[grid] else 'grid'} is faster "
-              f"({max(sweep[grid], sweep[loop]) / min(sweep[grid], sweep[loop]):.2f}x)", flush=True)
+        bests.setdefault(index_kind(cfg), cfg)
+    if len(bests) > 1:
+        print(f"indexer at T={_SWEEP_LEN.value}: " + ", ".join(
+            f"{kind} [{cfg}] {sweep[cfg] * 1e3:.2f} ms ({sweep[cfg] / sweep[best]:.2f}x the fastest)"
+            for kind, cfg in bests.items()), flush=True)
     reference = jax.jit(lambda q, kk, ww: indexer_topk_reference(q, kk, ww, topk=k))
     for t in (int(x) for x in _SEQ_LENS.value):
         q, kk, ww = inputs(t)

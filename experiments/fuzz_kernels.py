@@ -9,7 +9,8 @@ flag name defined twice.)
 Each case draws sizes that are multiples of no block (T, S, K, heads, head dims), masks (causal
 offsets, negative ones included, per-sequence and per-query key limits, S < topk, unused and
 repeated selected rows), dtypes (float32, bfloat16; fp8 e4m3 with per-key scales for the indexers)
-and the kernel's tiles (chunks, causal runs, key blocks, key loop, top-k kernel or selection, head
+and the kernel's tiles (chunks, causal runs, key blocks, key loop or, for bf16/fp8 prefill indexer cases now and then,
+the Mosaic GPU scores kernel (not interpreted under JAX 0.10), top-k kernel or selection, head
 and row blocks, value split, split dkv, launch order, decode splits and key loops), runs the kernel (compiled on
 its accelerator, interpreted elsewhere; a Triton kernel off GPU is also lowered for CUDA, which the
 interpreter never does: `triton_lowering.export_for_cuda`) and its reference, and checks
@@ -38,6 +39,7 @@ import numpy as np
 from absl import app, flags
 
 from pallas_kernels import ops
+from pallas_kernels.indexer import mosaic_gpu
 from pallas_kernels.indexer.mosaic import SELECTIONS, indexer_topk_mosaic
 from pallas_kernels.indexer.mosaic_decode import indexer_topk_decode_mosaic
 from pallas_kernels.indexer.reference import (
@@ -134,6 +136,14 @@ def indexer_case(rng, impl, params):
         tiles = {"chunk_size": _pick(rng, 8, 16, 32), "segments": _pick(rng, 1, 3, 8),
                  "topk_kernel": _pick(rng, False, True), "block_t": _pick(rng, 2, 4), "block_s": _pick(rng, 16, 32),
                  "key_loop": _pick(rng, False, True)}
+        # bf16/fp8 scores now and then by the Mosaic GPU kernel (drawn alike everywhere; not run where JAX 0.10's
+        # interpreter would have to: it lacks the kernel's transposed wgmma operand).
+        mosaic = q.dtype != jnp.float32 and rng.random() < 0.4
+        mosaic_tiles = {"mosaic_gpu": True, "block_t": _pick(rng, 1, 2), "block_s": _pick(rng, 64, 128),
+                        "num_stages": _pick(rng, 1, 2, 3)}
+        mosaic_tiles["pingpong"] = mosaic_tiles["num_stages"] > 1 and _pick(rng, True, True, False)
+        if mosaic and not (mosaic_gpu._JAX_010 and _interpret(impl)):
+            tiles = {k: v for k, v in tiles.items() if k != "key_loop"} | mosaic_tiles
         kernel = indexer_topk_triton
     else:
         tiles = {"chunk_size": _pick(rng, 8, 16), "key_block": _pick(rng, 128, 256),

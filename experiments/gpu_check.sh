@@ -7,8 +7,8 @@
 #   bash experiments/gpu_check.sh model      model correctness (GPU vs the CPU oracle) + bench_attention
 #   bash experiments/gpu_check.sh kernels    DSA kernels at their default tiles: each checked on the device against
 #                                            its reference, then timed against its baselines (at most 5 minutes of caps)
-#   bash experiments/gpu_check.sh sweep      the tile and variant sweeps that pick those defaults, at T = 16K and 64K
-#                                            (at most 9.3 minutes of caps)
+#   bash experiments/gpu_check.sh sweep      the tile and variant sweeps that pick those defaults, at T = 16K and 64K,
+#                                            and the Mosaic GPU indexer against them (at most 8.8 minutes of caps)
 #   bash experiments/gpu_check.sh fuzz       the compiled Triton kernels on random odd-sized cases and random tiles against
 #                                            their references (experiments/fuzz_kernels.py; 8 per kernel, 180 s cap)
 # A 15-minute device budget (machine start included) holds 'sweep' (it times the default tiles too) and then 'fuzz',
@@ -61,23 +61,39 @@ if [[ $PART == all || $PART == kernels ]]; then
          --index_fp8_configs=2:128:8:2:loop --topk_configs=4096:8 --bwd_configs=32:32:8:2 --seq_lens=16384,65536
          --noindex_variants)
 elif [[ $PART == sweep ]]; then
-  caps=(60 45 120 260 70)
+  # The Mosaic GPU indexer (untimed; a kernel of barriers, so a step of its own: a hang costs only its cap) against the
+  # Triton default in the same run, then the Triton tiles with their variants. The backward's tiles were settled on
+  # 2026-11-29: 'kernels' times it.
+  caps=(60 45 120 100 200)
   tiles=(--seq_lens=16384,65536)
+  mgpu=(--index_configs=2:128:12:3:mgpu,4:64:12:3:mgpu,2:64:12:4:mgpu,2:128:8:2:loop
+        --index_fp8_configs=2:128:12:4:mgpu,4:64:12:4:mgpu,2:128:8:2:loop --noindex_variants)
+  triton=(--index_configs=2:128:8:2:loop,2:128:8:3:loop,4:128:8:2
+          --index_fp8_configs=2:128:8:2:loop,4:128:8:2:loop,2:256:8:2:loop,4:256:8:2:loop)
 fi
 if [[ $PART == all || $PART == kernels || $PART == sweep ]]; then
-  bench() { local name=$1 cap=$2 parts=$3; shift 3
+  # bench NAME CAP PARTS JSON [FLAGS...]: bench_kernels --parts=PARTS, its JSON in $OUT/bench_kernels_JSON.json.
+  bench() { local name=$1 cap=$2 parts=$3 json=$4; shift 4
     step "$name" "$cap" python3 -m experiments.bench_kernels --parts="$parts" "${tiles[@]}" \
-      --out="$OUT/bench_kernels_$parts.json" "$@"; }
-  bench "decode indexer (B=64, S=128K, T=1) on the stacked cache vs the old path (layer slice)" "${caps[0]}" decode
+      --out="$OUT/bench_kernels_$json.json" "$@"; }
+  bench "decode indexer (B=64, S=128K, T=1) on the stacked cache vs the old path (layer slice)" "${caps[0]}" decode \
+    decode
   bench "decode sparse MLA (H=128, k=2048) on the stacked cache vs the old path (XLA gather + prefill kernel)" \
-    "${caps[1]}" decode_mla
+    "${caps[1]}" decode_mla decode_mla
   bench "sparse MLA forward: check on the device, then time against the XLA reference and cuDNN dense" \
-    "${caps[2]}" sparse_mla
+    "${caps[2]}" sparse_mla sparse_mla
   prefill=()  # the forward step's timings, unless it wrote none (cut by its cap)
   [[ -f $OUT/bench_kernels_sparse_mla.json ]] && prefill=(--prefill_from="$OUT/bench_kernels_sparse_mla.json")
-  bench "indexer + top-k: check, then time; DSA (indexer + sparse MLA) against cuDNN dense" "${caps[3]}" indexer \
-    "${prefill[@]}"
-  bench "sparse MLA backward: check against the reference VJP, then time" "${caps[4]}" backward
+  if [[ $PART == sweep ]]; then
+    bench "indexer + top-k, Mosaic GPU scores vs the Triton default: check, then time; DSA vs cuDNN dense" \
+      "${caps[3]}" indexer indexer_mgpu "${prefill[@]}" "${mgpu[@]}"
+    bench "indexer + top-k, Triton tiles and variants: check, then time; DSA vs cuDNN dense" "${caps[4]}" indexer \
+      indexer "${prefill[@]}" "${triton[@]}"
+  else
+    bench "indexer + top-k: check, then time; DSA (indexer + sparse MLA) against cuDNN dense" "${caps[3]}" indexer \
+      indexer "${prefill[@]}"
+    bench "sparse MLA backward: check against the reference VJP, then time" "${caps[4]}" backward backward
+  fi
 fi
 
 if [[ $PART == fuzz ]]; then

@@ -60,6 +60,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.chunking import causal_segments, map_chunks, map_query_chunks
+from pallas_kernels.indexer.mosaic_gpu import indexer_scores_mosaic_gpu
 from pallas_kernels.tiles import next_pow2, rows_per_call
 from pallas_kernels.topk import select_topk
 from pallas_kernels.topk_triton import select_topk_triton
@@ -191,7 +192,8 @@ def indexer_scores_triton(q, k, w, k_scale, k_len, positions, *, q_offset=0, blo
 
 
 def indexer_topk_triton(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, chunk_size=512, segments=8,
-                        topk_kernel=True, interpret=False, block_t=BLOCK_T, block_s=BLOCK_S, key_loop=True, **tiles):
+                        topk_kernel=True, interpret=False, block_t=BLOCK_T, block_s=BLOCK_S, key_loop=True,
+                        mosaic_gpu=False, **tiles):
     """Same contract as `indexer_topk_reference` (int32 [B, T, topk], -1 for empty slots), indices ascending.
 
     segments: the queries run in up to this many causal runs (`chunking.causal_segments`), each
@@ -201,6 +203,8 @@ def indexer_topk_triton(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, 
     `select_topk` (XLA); the same indices in the same order.
     key_loop: score with the key-loop kernel (default) or the grid kernel (`indexer_scores_triton`); tiles: its
     num_warps, num_stages.
+    mosaic_gpu: score with the Mosaic GPU kernel instead (`pallas_kernels/indexer/mosaic_gpu.py`: bf16/f16 or fp8
+    q and k, Hopper; untimed); tiles: its num_stages; key_loop is not used.
     """
     b, t = q.shape[:2]
     s = k.shape[1]
@@ -218,9 +222,10 @@ def indexer_topk_triton(q, k, w, *, topk, k_scale=None, q_offset=0, k_len=None, 
             def chunk(positions, q_c, w_c):
                 # The group's rows of the query chunk: XLA folds this slice into the chunk's (one copy of [G, Tc, ...]).
                 q_c, w_c = (jax.lax.dynamic_slice_in_dim(x, rows[0], rows.shape[0]) for x in (q_c, w_c))
-                scores = indexer_scores_triton(q_c, k, w_c, k_scale, k_len, start + positions, q_offset=q_offset,
-                                               block_t=block_t, block_s=block_s, key_loop=key_loop,
-                                               interpret=interpret, **tiles)
+                score = (indexer_scores_mosaic_gpu if mosaic_gpu
+                         else functools.partial(indexer_scores_triton, key_loop=key_loop))
+                scores = score(q_c, k, w_c, k_scale, k_len, start + positions, q_offset=q_offset, block_t=block_t,
+                               block_s=block_s, interpret=interpret, **tiles)
                 # Masked scores are -inf: never selected, -1 past the valid keys.
                 return (select_topk_triton(scores, topk, interpret=interpret) if topk_kernel
                         else select_topk(scores, topk))

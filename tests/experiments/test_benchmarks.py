@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from pallas_kernels.indexer import mosaic_gpu
+
 ROOT = pathlib.Path(__file__).parents[2]
 KERNELS = ["--interpret", "--seq_lens=128", "--sweep_len=128", "--check_len=64", "--topk=32", "--heads=16",
            "--v_dim=32", "--rope_dim=16", "--configs=16:16:4:1,16:16:4:1:v2", "--max_reference_len=128", "--repeats=1",
@@ -63,6 +65,33 @@ def test_bench_kernels_every_part(tmp_path):
     assert names.count("indexer + sparse_mla (pallas)") == 1 and "DSA at T=128: indexer + sparse_mla" in stdout
     assert alone["prefill_seconds"] == result["prefill_seconds"]
     assert not any(" 1 run " in n or "select_topk" in n or "1 chunk" in n for n in names), names
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(mosaic_gpu._JAX_010, reason="JAX 0.10's Mosaic GPU interpreter lacks transposed wgmma operands")
+def test_bench_kernels_times_the_mosaic_gpu_indexer(tmp_path):
+    """":mgpu" configs run the Mosaic GPU scores kernel (interpreted here), bf16 and fp8, beside a Triton one."""
+    result, stdout = _run("experiments.bench_kernels", tmp_path / "mgpu.json", *KERNELS, "--parts=indexer",
+                          "--seq_lens=64", "--sweep_len=64", "--check_len=48", "--max_reference_len=0",
+                          "--index_configs=2:64:12:2:mgpu,4:16:4:1:loop", "--index_fp8_configs=2:64:12:2:mgpu",
+                          "--noindex_variants")
+    names = [r["kernel"] for r in result["rows"]]
+    for prefix in ("indexer_topk pallas mosaic-gpu [2:64:12:2:mgpu]", "indexer_topk pallas key-loop [4:16:4:1:loop]",
+                   "indexer_topk pallas fp8 mosaic-gpu [2:64:12:2:mgpu]"):
+        assert any(n.startswith(prefix) for n in names), (prefix, names)
+    agreements = [line for line in stdout.splitlines() if "agreement with the reference's index sets" in line]
+    assert len(agreements) == 3 and all(line.endswith("1.0000") for line in agreements), agreements
+
+
+def test_index_configs_name_their_kernel():
+    from experiments import bench_kernels as bench
+    assert [bench.index_kind(c) for c in ("4:128:8:2", "2:128:8:2:loop", "2:128:12:3:mgpu")] == [
+        "grid", "key-loop", "mosaic-gpu"]
+    assert bench.index_tiles("2:128:12:3:mgpu") == {"block_t": 2, "block_s": 128, "num_stages": 3, "mosaic_gpu": True}
+    with pytest.raises(ValueError, match="3 warpgroups"):
+        bench.index_tiles("2:128:8:3:mgpu")
+    with pytest.raises(ValueError, match="want block_t:block_s:num_warps:num_stages"):
+        bench.index_tiles("2:128:8:3:fast")
 
 
 @pytest.mark.parametrize("module, flags, key", [

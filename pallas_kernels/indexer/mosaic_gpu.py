@@ -1,0 +1,235 @@
+"""Lightning-indexer scores as a Mosaic GPU Pallas kernel (Hopper: TMA, wgmma, warp specialisation).
+
+Same tiles as the Triton key-loop kernel (`pallas_kernels/indexer/triton.py`): for the queries of
+a program, every key block they see, I[t, s] = k_scale[s] · Σ_h w[t, h] · relu(q[t, h] · k[s]) in
+float32, -inf outside s <= t + q_offset and s < k_len, written to a [B, Tc, S] score chunk that the
+top-k kernel reads. Why a second kernel: the indexer is a dense causal GEMM with a CUDA-core
+epilogue (ReLU, weighted head sum), and the Triton one reaches ~414 TFLOP/s on an H200 (52 % of
+the measured bf16 peak) with the epilogue serialised behind each matmul. Here, as in FlashAttention 3,
+one CTA holds three warpgroups:
+- a producer (40 registers) streams key tiles [block_s, D] and their scales by TMA into a ring of
+  `num_stages` shared-memory slots, each guarded by a "loaded" and a "consumed" barrier;
+- two consumers each own `block_t` queries (their q [block_t, H, D] and w stay in shared memory /
+  registers) and, per key block, issue one wgmma per query (keys x heads: A = the key tile, B =
+  q[t]ᵀ, accumulator [block_s, H] float32), so each key's head sum runs along its accumulator row,
+  within a thread and a quad. With `pingpong` (default) they take turns, as FlashAttention 3's
+  schedule barrier does: a consumer issues its matmuls only once the other has issued its own, so
+  one runs its epilogue while the tensor core serves the other (without it the two start together
+  and would stay in step, epilogues overlapping each other rather than the matmuls). Both read
+  the same key tile, so a key is read from L2 once per 2·block_t queries.
+- a consumer writes its [block_t, block_s] scores through shared memory by TMA (double-buffered),
+  and -inf into the blocks past the CTA's last visible key, which are neither loaded nor scored.
+The trip count is per CTA, from the positions (`_key_steps`): a causal chunk's early query tiles
+load fewer key blocks.
+
+bf16/f16 and fp8 e4m3 inputs (Hopper's fp8 wgmma: both operands K-major, as here); float32 is the
+Triton kernel's. Heads are padded to a multiple of 16, D to a whole swizzle row (64 bf16, 128 fp8
+elements: no copy at V3.2's D = 128).
+
+Untimed: written without a GPU (2026-11-30). Checked here under Mosaic GPU's interpreter
+(`plgpu` kernels run on CPU with simulated shared memory, TMA and barriers) against the reference,
+and lowered for CUDA (tests/pallas_kernels/test_indexer_mosaic_gpu.py);
+experiments/bench_kernels.py times it beside the Triton kernel (configs ending in ":mgpu").
+
+Shapes: B batch, Tc queries in the chunk, S keys, H heads, D head dim.
+"""
+
+import functools
+import inspect
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+BLOCK_T, BLOCK_S, NUM_STAGES = 2, 128, 3  # queries per consumer, keys per step, ring slots
+_CONSUMERS = 2
+_ROW = plgpu.Layout.WGMMA.reduce(1)  # a [block_s] vector along the accumulator's rows (one value per key)
+_COL = plgpu.Layout.WGMMA.reduce(0)  # a [H] vector along its columns (one value per head)
+# JAX 0.10's plgpu.load takes the index as a positional argument (0.11 deprecates it for ref.at[...]), and
+# 0.10's GPU interpreter has no rule for it nor for layout casts (layouts mean nothing there).
+_IDX = inspect.signature(plgpu.load).parameters.get("idx")  # JAX 0.12 has none
+_JAX_010 = _IDX is not None and _IDX.default is inspect.Parameter.empty
+
+
+def _load(ref, layout, interpreted):
+    """ref's array in `layout` (a plain read under JAX 0.10's interpreter)."""
+    if not _JAX_010:
+        return plgpu.load(ref, layout=layout)
+    return ref[...] if interpreted else plgpu.load(ref, (), layout=layout)
+
+
+def _in_layout(x, layout, interpreted):
+    """x cast to `layout` (no cast under JAX 0.10's interpreter)."""
+    return x if interpreted and _JAX_010 else plgpu.layout_cast(x, layout)
+
+
+def _transposed(ref):
+    """ref [N, K] as the wgmma B operand [K, N] (K-major; fp8 wgmma takes no other)."""
+    return plgpu.transpose_ref(ref, (1, 0)) if _JAX_010 else ref.transpose((1, 0))  # 0.11 deprecates transpose_ref
+
+
+def _smem_transforms(dtype):
+    """Tiling and 128-byte swizzle of a [rows, D] wgmma operand in shared memory."""
+    swizzle = 128
+    return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
+
+
+def _scores_kernel(steps_ref, limit_ref, q_ref, w_ref, k_ref, ks_ref, out_ref, *, block_t, block_s, num_stages,
+                   pingpong, interpreted):
+    """Grid (tiles, B), 3 warpgroups: consumers 0 and 1 (block_t queries each), the producer 2 (module docstring)."""
+    b, tile = jax.lax.axis_index("batch"), jax.lax.axis_index("tile")
+    _, _, hp, d = q_ref.shape
+    num_blocks = k_ref.shape[1] // block_s
+    steps = steps_ref[b, tile]  # key blocks any of the CTA's queries sees
+    transforms = _smem_transforms(k_ref.dtype)
+
+    def body(q_smem, w_smem, k_smem, ks_smem, o_smem, ninf_smem, q_barrier, k_barriers, consumed, turns):
+        wg = jax.lax.axis_index("wg")
+
+        def take_turns():  # both consumers meet here (pingpong): one has issued its matmuls, the other may now
+            if pingpong:
+                plgpu.barrier_arrive(turns)
+                plgpu.barrier_wait(turns)
+
+        @pl.when(wg < _CONSUMERS)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+            first = (tile * _CONSUMERS + wg) * block_t  # this consumer's first query
+            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(first, block_t)], q_smem.at[wg], q_barrier.at[wg])
+            plgpu.copy_gmem_to_smem(w_ref.at[b, pl.ds(first, block_t)], w_smem.at[wg], q_barrier.at[wg])
+            limits = [limit_ref[b, first + t] for t in range(block_t)]
+            for t in range(block_t):  # in the scores' layout: a splat stores only in multiples of 128 elements
+                ninf_smem[wg, t] = _in_layout(jnp.full((block_s,), -jnp.inf, jnp.float32), _ROW, interpreted)
+            plgpu.barrier_wait(q_barrier.at[wg])
+            weights = [jax.lax.broadcast_in_dim(_load(w_smem.at[wg, t], _COL, interpreted), (block_s, hp), [1])
+                       for t in range(block_t)]
+            keys = _in_layout(jax.lax.iota(jnp.int32, block_s), _ROW, interpreted)
+            pl.when(wg == 1)(take_turns)  # consumer 1 runs half a step behind consumer 0
+
+            @pl.loop(0, steps)
+            def _step(step):
+                slot = jax.lax.rem(step, num_stages)
+                plgpu.barrier_wait(k_barriers.at[slot])
+
+                def logits(*acc_refs):
+                    for t, acc in enumerate(acc_refs):
+                        plgpu.wgmma(acc, k_smem.at[slot], _transposed(q_smem.at[wg, t]))
+                    take_turns()  # the other consumer's epilogue ran during these matmuls; now it issues its own
+                    return [acc[...] for acc in acc_refs]
+
+                accs = pl.run_scoped(logits, *[plgpu.ACC((block_s, hp), jnp.float32)] * block_t)
+                k_scale = _load(ks_smem.at[slot], _ROW, interpreted)
+                plgpu.barrier_arrive(consumed.at[slot])  # the slot's key tile and scales are in registers now
+                out_slot = jax.lax.rem(step, 2)
+                plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store that last read this slot is done
+                for t in range(block_t):
+                    scores = jnp.sum(jnp.maximum(accs[t], 0.0) * weights[t], axis=1) * k_scale
+                    o_smem[wg, out_slot, t] = jnp.where(keys + step * block_s < limits[t], scores, -jnp.inf)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem.at[wg, out_slot],
+                                        out_ref.at[b, pl.ds(first, block_t), pl.ds(step * block_s, block_s)])
+
+            pl.when(wg == 0)(take_turns)  # consumer 1's last turn
+            plgpu.commit_smem()
+
+            @pl.loop(steps, num_blocks)
+            def _masked(step):  # blocks past every query's limit: -inf, nothing loaded
+                plgpu.copy_smem_to_gmem(ninf_smem.at[wg],
+                                        out_ref.at[b, pl.ds(first, block_t), pl.ds(step * block_s, block_s)])
+                plgpu.wait_smem_to_gmem(8, wait_read_only=True)
+
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == _CONSUMERS)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+
+            @pl.loop(0, steps)
+            def _load_step(step):
+                slot = jax.lax.rem(step, num_stages)
+
+                @pl.when(step >= num_stages)
+                def _():  # both consumers are done with the block this slot held
+                    plgpu.barrier_wait(consumed.at[slot])
+
+                keys = pl.ds(step * block_s, block_s)
+                plgpu.copy_gmem_to_smem(k_ref.at[b, keys], k_smem.at[slot], k_barriers.at[slot])
+                plgpu.copy_gmem_to_smem(ks_ref.at[b, keys], ks_smem.at[slot], k_barriers.at[slot])
+
+            @pl.loop(jnp.maximum(steps - num_stages, 0), steps)
+            def _drain(step):  # observe each slot's last consumption: no barrier phase is left unobserved
+                plgpu.barrier_wait(consumed.at[jax.lax.rem(step, num_stages)])
+
+    pl.run_scoped(
+        body,
+        plgpu.SMEM((_CONSUMERS, block_t, hp, d), q_ref.dtype, transforms=transforms),
+        plgpu.SMEM((_CONSUMERS, block_t, hp), jnp.float32),
+        plgpu.SMEM((num_stages, block_s, d), k_ref.dtype, transforms=transforms),
+        plgpu.SMEM((num_stages, block_s), jnp.float32),
+        plgpu.SMEM((_CONSUMERS, 2, block_t, block_s), jnp.float32),
+        plgpu.SMEM((_CONSUMERS, block_t, block_s), jnp.float32),
+        plgpu.Barrier(num_arrivals=2, num_barriers=_CONSUMERS),  # q and w of each consumer
+        plgpu.Barrier(num_arrivals=2, num_barriers=num_stages),  # a slot's keys and scales loaded
+        plgpu.Barrier(num_arrivals=_CONSUMERS, num_barriers=num_stages),  # a slot consumed by both
+        plgpu.Barrier(num_arrivals=_CONSUMERS) if pingpong else None,  # the consumers' turns at the tensor core
+        collective_axes="wg",
+    )
+
+
+def _key_steps(limit, block_t, block_s):
+    """[B, tiles] int32: the key blocks a CTA loads, from the largest limit of its 2·block_t queries."""
+    b, tp = limit.shape
+    return -(-jnp.max(limit.reshape(b, tp // (_CONSUMERS * block_t), -1), axis=2) // block_s)
+
+
+def indexer_scores_mosaic_gpu(q, k, w, k_scale, k_len, positions, *, q_offset=0, block_t=BLOCK_T, block_s=BLOCK_S,
+                              num_stages=NUM_STAGES, pingpong=True, interpret=False):
+    """Scores [B, Tc, S] (float32, -inf where masked) of queries at `positions` [Tc]: `indexer_scores_triton`'s
+    contract, for bf16/f16 or fp8 e4m3 q and k (module docstring). pingpong: the consumers take turns at the
+    tensor core (a barrier per step, FlashAttention 3's schedule). interpret: run under Mosaic GPU's interpreter
+    (CPU)."""
+    b, tc, h, d = q.shape
+    s = k.shape[1]
+    if q.dtype != k.dtype or jnp.dtype(q.dtype) not in map(jnp.dtype, (jnp.bfloat16, jnp.float16,
+                                                                        jnp.float8_e4m3fn)):
+        raise ValueError(f"indexer_scores_mosaic_gpu: q and k must both be bf16, f16 or float8_e4m3fn (wgmma "
+                         f"operands), got {q.dtype} and {k.dtype}")
+    if block_s % 64 or block_t < 1 or num_stages < 1:
+        raise ValueError(f"indexer_scores_mosaic_gpu: block_s must be a multiple of 64 (wgmma's M), block_t and "
+                         f"num_stages >= 1; got block_s={block_s}, block_t={block_t}, num_stages={num_stages}")
+    if pingpong and num_stages < 2:
+        raise ValueError("indexer_scores_mosaic_gpu: pingpong needs num_stages >= 2 (consumer 1 still holds a slot "
+                         "when consumer 0 asks for the next block)")
+    row = 128 // jnp.dtype(q.dtype).itemsize  # elements per swizzled row
+    per_cta = _CONSUMERS * block_t
+    tp, sp, hp, dp = -(-tc // per_cta) * per_cta, -(-s // block_s) * block_s, -(-h // 16) * 16, -(-d // row) * row
+    q = jnp.pad(q, ((0, 0), (0, tp - tc), (0, hp - h), (0, dp - d)))
+    w = jnp.pad(w.astype(jnp.float32), ((0, 0), (0, tp - tc), (0, hp - h)))
+    k = jnp.pad(k, ((0, 0), (0, sp - s), (0, dp - d)))
+    k_scale = jnp.pad(k_scale.astype(jnp.float32), ((0, 0), (0, sp - s)))
+    # Query t sees the keys < limit[b, t]; padded queries none.
+    limit = jnp.minimum(positions.astype(jnp.int32)[None, :] + q_offset + 1, k_len.astype(jnp.int32)[:, None])
+    limit = jnp.pad(jnp.maximum(limit, 0), ((0, 0), (0, tp - tc)))
+    steps = _key_steps(limit, block_t, block_s)
+    kernel = plgpu.kernel(
+        functools.partial(_scores_kernel, block_t=block_t, block_s=block_s, num_stages=num_stages,
+                          pingpong=pingpong, interpreted=bool(interpret)),
+        out_type=jax.ShapeDtypeStruct((b, tp, sp), jnp.float32),
+        grid=(tp // per_cta, b),
+        grid_names=("tile", "batch"),
+        num_threads=_CONSUMERS + 1,
+        thread_name="wg",
+        interpret=_interpret_params() if interpret else False,
+    )
+    return kernel(steps, limit, q, w, k, k_scale)[:, :tc, :s]
+
+
+def _interpret_params():
+    """Mosaic GPU's interpreter (simulated shared memory, TMA and barriers); JAX 0.10 does not export it."""
+    params = getattr(plgpu, "InterpretGPUParams", None)
+    if params is None:
+        from jax._src.pallas.mosaic_gpu.interpret.params import (
+            InterpretGPUParams as params,
+        )
+    return params()

@@ -1,0 +1,90 @@
+"""The Mosaic GPU indexer-scores kernel (pallas_kernels/indexer/mosaic_gpu.py): under Mosaic GPU's interpreter
+(CPU, JAX >= 0.11) it equals the Triton kernel and, through indexer_topk_triton, the reference; it lowers for
+CUDA at V3.2 shapes on any JAX."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.indexer import mosaic_gpu
+from pallas_kernels.indexer.reference import indexer_topk_reference
+from pallas_kernels.indexer.triton import indexer_scores_triton, indexer_topk_triton
+from pallas_kernels.triton_lowering import export_for_cuda
+from tests.pallas_kernels.test_indexer import (
+    ascending_then_padding,
+    random_inputs,
+    same_selection,
+)
+
+# JAX 0.10's GPU interpreter has no transposed wgmma operand (the kernel's q[t]ᵀ); .ci/jax_versions runs these.
+needs_interpreter = pytest.mark.skipif(mosaic_gpu._JAX_010, reason="JAX 0.10's Mosaic GPU interpreter lacks "
+                                       "transposed wgmma operands")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype, b, t, s, h, d, q_offset, k_len, tiles", [
+    # ragged T (2 CTAs of 4 queries, one padded), S (3 blocks of 64, the last partial), H 12 -> 16, D 64
+    (jnp.bfloat16, 1, 7, 150, 12, 64, 0, [150], {"block_t": 2, "block_s": 64, "num_stages": 2}),
+    # per-row k_len (0: every block masked, none loaded), q_offset > 0, one slot (no turns), one query per consumer
+    (jnp.bfloat16, 2, 6, 130, 16, 64, 100, [130, 0], {"block_t": 1, "block_s": 64, "num_stages": 1, "pingpong": False}),
+    # turns with the fewest slots they allow, 4 key blocks per CTA
+    (jnp.bfloat16, 1, 8, 256, 16, 64, 250, [256], {"block_t": 2, "block_s": 64, "num_stages": 2}),
+    # fp8 with key scales, D 128 (one swizzled row), 128-key blocks, k_len < S
+    (jnp.float8_e4m3fn, 2, 5, 300, 8, 128, 200, [300, 170], {"block_t": 2, "block_s": 128, "num_stages": 3}),
+])
+def test_scores_equal_the_triton_kernel(dtype, b, t, s, h, d, q_offset, k_len, tiles):
+    """Same -inf mask, same scores up to summation order (the Triton kernel in IEEE float32 on the same inputs)."""
+    q, k, w, k_scale, kl = random_inputs(b, t, s, h, d, k_len, jnp.float32)
+    q, k = q.astype(dtype), k.astype(dtype)
+    positions = jnp.arange(t, dtype=jnp.int32)
+    got = np.asarray(mosaic_gpu.indexer_scores_mosaic_gpu(q, k, w, k_scale, kl, positions, q_offset=q_offset,
+                                                          interpret=True, **tiles))
+    with jax.default_matmul_precision("highest"):
+        want = np.asarray(indexer_scores_triton(q, k, w, k_scale, kl, positions, q_offset=q_offset, block_t=4,
+                                                block_s=16, interpret=True))
+    assert got.shape == want.shape == (b, t, s)
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-5, atol=1e-4)
+    assert finite.any() and not np.isfinite(got[1]).any() if k_len[-1] == 0 else finite.any()
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float8_e4m3fn])
+def test_topk_matches_reference(dtype):
+    """indexer_topk_triton(mosaic_gpu=True): causal runs of chunks, per-row k_len, -1 padding past the valid keys."""
+    q, k, w, k_scale, kl = random_inputs(2, 12, 140, 8, 64, [140, 5], jnp.float32)
+    q, k = q.astype(dtype), k.astype(dtype)
+    got = indexer_topk_triton(q, k, w, topk=9, k_scale=k_scale, q_offset=128, k_len=kl, chunk_size=4, segments=2,
+                              interpret=True, block_t=1, block_s=64, mosaic_gpu=True, num_stages=2)
+    want = indexer_topk_reference(q, k, w, topk=9, k_scale=k_scale, q_offset=128, k_len=kl)
+    assert same_selection(np.asarray(got), np.asarray(want), q, k, w, k_scale)
+    assert ascending_then_padding(np.asarray(got)) and np.all(np.asarray(got)[1, :, 5:] == -1)
+
+
+@pytest.mark.parametrize("dtype, tiles", [
+    (jnp.bfloat16, {"num_stages": 3}),
+    (jnp.float8_e4m3fn, {"num_stages": 4}),
+    (jnp.bfloat16, {"block_t": 4, "block_s": 64, "num_stages": 3}),
+    (jnp.bfloat16, {"block_t": 1, "block_s": 64, "num_stages": 1, "pingpong": False}),  # 64 scores: a splat does not store
+])
+def test_lowers_for_cuda_at_v32_shapes(dtype, tiles):
+    """indexer_topk_triton(mosaic_gpu=True) at T = 1024 queries, 64 heads x 128: one Mosaic GPU call per causal
+    run, the top-k kernel after it (lowering only: compiling needs a GPU)."""
+    args = (jax.ShapeDtypeStruct((1, 1024, 64, 128), dtype), jax.ShapeDtypeStruct((1, 1024, 128), dtype),
+            jax.ShapeDtypeStruct((1, 1024, 64), jnp.float32))
+    module = export_for_cuda(lambda q, k, w: indexer_topk_triton(q, k, w, topk=2048, mosaic_gpu=True, **tiles),
+                             args).mlir_module()
+    assert module.count("custom_call @mosaic_gpu") == 2  # 2 causal runs of 512-query chunks
+
+
+def test_rejects_float32_and_bad_tiles():
+    q, k, w, k_scale, kl = random_inputs(1, 4, 64, 4, 64, [64], jnp.float32)
+    run = lambda q, k, **tiles: mosaic_gpu.indexer_scores_mosaic_gpu(q, k, w, k_scale, kl, jnp.arange(4), **tiles)
+    with pytest.raises(ValueError, match="bf16, f16 or float8_e4m3fn"):
+        run(q, k)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        run(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), block_s=96)
+    with pytest.raises(ValueError, match="pingpong needs num_stages >= 2"):
+        run(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), num_stages=1)
