@@ -42,8 +42,9 @@ fractions use --peak_tflops and --peak_gbs (H200 measured here: ~790 TFLOP/s bf1
 Decode indexer (`ops.indexer_topk_decode`'s Triton kernel + select_topk; B=64 sequences, S=128K
 valid keys, T=1 query, 64 heads x 128, bf16 then fp8 keys with scales, on the last layer of an
 L=2 stacked cache): each --decode_configs tile (block_s:num_warps:blocks:num_stages, blocks = key
-blocks per program, in a loop) in bf16, the best one in
-fp8, its scores kernel alone, the best with the top-k kernel (checked equal), and in the same
+blocks per program, in a loop; ":mgpu": the Mosaic GPU kernel, `pallas_kernels/indexer/mosaic_gpu_decode.py`,
+blocks per CTA streamed by TMA through num_stages slots) in bf16, each checked against the reference,
+the best Triton and the best Mosaic GPU tiles in fp8, the fastest one's scores kernel alone, the best with the top-k kernel (checked equal), and in the same
 run the old path on the sliced layer (the XLA reference; the prefill kernel once per query). GB/s counts the layer's key (+ scale) bytes,
 read once: the target is >= 70 % of --peak_gbs (perf_targets.md); see `_decode`.
 Decode sparse MLA attention (--parts=decode_mla: `ops.sparse_mla_decode`'s Triton
@@ -54,8 +55,8 @@ the old path (an XLA gather of the rows into [B, T·k, 576], then the prefill Tr
 `sparse_mla_fwd`) and the XLA reference (`sparse_mla_decode_reference`). GB/s and the
 "hbm_roofline" fraction count the bytes that must be read: B·T·k·576·2 (rows) + q + out; see
 `_decode_attention`.
-Before timing, the kernel is checked against the reference on the device (max abs error; index
-set agreement for the indexers, printed after the sweep for the decode one).
+Before timing, each kernel config is checked against the reference on the device (max abs error; index
+set agreement for the indexers).
 Times are medians of --repeats runs after a warm-up; on shared machines prefer ratios.
 """
 
@@ -70,6 +71,7 @@ from absl import app, flags
 
 from pallas_kernels import topk as topk_lib
 from pallas_kernels.indexer.mosaic_gpu import indexer_scores_mosaic_gpu
+from pallas_kernels.indexer.mosaic_gpu_decode import indexer_scores_decode_mosaic_gpu
 from pallas_kernels.indexer.reference import (
     indexer_topk_decode_reference,
     indexer_topk_reference,
@@ -150,10 +152,13 @@ _DECODE_QUERIES = flags.DEFINE_integer("decode_queries", 1, "decode: queries per
 _DECODE_LAYERS = flags.DEFINE_integer("decode_layers", 2, "decode: layers L of the stacked cache (the last is read)")
 # On an H200 (2026-11-29, one block per program) 128:4 took 1.68 ms, 256:4 1.77, 256:8 1.80, 64:4 1.88: 30 % of HBM
 # bandwidth. The key loop (blocks > 1, pipelined over num_stages) is untimed.
+# ":mgpu": the Mosaic GPU kernel (untimed), TMA into num_stages slots of block_s keys (bf16: 32 KiB at 128).
 _DECODE_CONFIGS = flags.DEFINE_list("decode_configs", ["128:4:1:1", "128:4:8:3", "128:8:8:3", "64:4:16:3",
-                                                      "256:8:4:2"],
-                                    "decode kernel tiles block_s:num_warps:blocks:num_stages (blocks: key blocks per "
-                                    "program, in a loop), ...")
+                                                      "256:8:4:2", "128:8:64:4:mgpu", "128:8:32:6:mgpu",
+                                                      "64:8:128:8:mgpu", "256:8:32:3:mgpu"],
+                                    "decode kernel tiles block_s:num_warps:blocks:num_stages[:mgpu] (blocks: key "
+                                    "blocks per program or CTA, in a loop; :mgpu = the Mosaic GPU kernel, num_warps "
+                                    "8: its 2 warpgroups), ...")
 # On an H200 (2026-11-29) 32:64:4:1 took 0.37 ms, 64:32:8:1 0.44, 32:64:4:2 0.44, 32:64:8:1 0.47. triton_static:
 # 16:64:4:1 does not spill and keeps 2 programs per SM, as 32:64:4:1 does (32 B spilled).
 _DECODE_MLA_CONFIGS = flags.DEFINE_list("decode_mla_configs", ["32:64:4:1", "16:64:4:1", "64:32:8:1", "32:64:4:2"],
@@ -234,16 +239,24 @@ def bwd_tiles(cfg):
     return _tiles(cfg, "bwd_configs", ("block_h", "block_k", "num_warps", "num_stages"), "split", "split_dkv")
 
 
+def _mgpu_tiles(cfg, flag, names, warpgroups):
+    """Keywords of a --flag entry ending in ":mgpu" (a Mosaic GPU kernel of `warpgroups` warpgroups: num_warps must
+    say so, and is not passed on), else None."""
+    if not cfg.endswith(":mgpu"):
+        return None
+    tiles = _tiles(cfg.removesuffix(":mgpu"), flag, names)
+    if tiles.pop("num_warps") != 4 * warpgroups:
+        raise ValueError(f"--{flag} entry {cfg!r}: a :mgpu config runs {warpgroups} warpgroups, num_warps "
+                         f"{4 * warpgroups}")
+    return tiles | {"mosaic_gpu": True}
+
+
 def index_tiles(cfg):
     """indexer_topk_triton's keywords of an --index_configs entry (":loop": the Triton key-loop kernel; ":mgpu": the
     Mosaic GPU kernel, block_t queries per consumer warpgroup, num_stages key slots, num_warps 12: its 3 warpgroups)."""
-    base, kind = cfg.removesuffix(":mgpu"), "mgpu"
-    if base == cfg:
-        return _tiles(cfg, "index_configs", ("block_t", "block_s", "num_warps", "num_stages"), "loop", "key_loop")
-    tiles = _tiles(base, "index_configs", ("block_t", "block_s", "num_warps", "num_stages"))
-    if tiles.pop("num_warps") != 12:
-        raise ValueError(f"--index_configs entry {cfg!r}: a :{kind} config runs 3 warpgroups, num_warps 12")
-    return tiles | {"mosaic_gpu": True}
+    names = ("block_t", "block_s", "num_warps", "num_stages")
+    return (_mgpu_tiles(cfg, "index_configs", names, 3)
+            or _tiles(cfg, "index_configs", names, "loop", "key_loop"))
 
 
 def index_kind(cfg):
@@ -258,8 +271,9 @@ def topk_tiles(cfg):
 
 
 def decode_tiles(cfg):
-    """The decode indexer's keywords of a --decode_configs entry."""
-    return _tiles(cfg, "decode_configs", ("block_s", "num_warps", "blocks", "num_stages"))
+    """The decode indexer's keywords of a --decode_configs entry (":mgpu": the Mosaic GPU kernel, num_warps 8)."""
+    names = ("block_s", "num_warps", "blocks", "num_stages")
+    return _mgpu_tiles(cfg, "decode_configs", names, 2) or _tiles(cfg, "decode_configs", names)
 
 
 def decode_mla_tiles(cfg):
@@ -422,9 +436,12 @@ def _decode():
     agreement = lambda got, ref: float(jnp.mean(jnp.sort(got, axis=-1) == jnp.sort(ref, axis=-1)))
 
     def kernel_fn(cfg, scores_only=False, topk_kernel=False):
-        fn = (indexer_scores_decode_triton if scores_only
-              else functools.partial(indexer_topk_decode_triton, topk=k, topk_kernel=topk_kernel))
-        fn = functools.partial(fn, interpret=_INTERPRET.value, **decode_tiles(cfg))
+        tiles = decode_tiles(cfg)
+        if scores_only:
+            fn = indexer_scores_decode_mosaic_gpu if tiles.pop("mosaic_gpu", False) else indexer_scores_decode_triton
+        else:
+            fn = functools.partial(indexer_topk_decode_triton, topk=k, topk_kernel=topk_kernel)
+        fn = functools.partial(fn, interpret=_INTERPRET.value, **tiles)
         return jax.jit(lambda q, kc, w, layer, kl, ks: fn(q, kc, w, layer, kl, k_scale=ks))
 
     reference = jax.jit(lambda q, kc, w, layer, kl, ks: indexer_topk_decode_reference(q, kc, w, layer, kl, topk=k,
@@ -436,7 +453,7 @@ def _decode():
     rows, configs = [], _DECODE_CONFIGS.value
     q = jax.random.normal(kq, (b, t, h, d), jnp.bfloat16)
     cache = jax.random.normal(kk, (n_layers, b, s, d), jnp.bfloat16)
-    for name in ("bf16", "fp8"):  # the tiles are swept in bf16; fp8 runs the best of them
+    for name in ("bf16", "fp8"):  # the tiles are swept in bf16; fp8 runs the best of each kernel
         scale = None
         if name == "fp8":  # e4m3 keys and queries with per-key scales (the model's index_fp8 cache)
             q, cache = q.astype(jnp.float8_e4m3fn), cache.astype(jnp.float8_e4m3fn)
@@ -445,21 +462,22 @@ def _decode():
         nbytes = b * s * (d * cache.dtype.itemsize + (4 if scale is not None else 0))
         peak = _PEAK_TFLOPS.value * (2 if name == "fp8" else 1)
         label = f"B{b} T{t} {name}"
-        sweep, fns = {}, {}
+        sweep, fns, want = {}, {}, reference(*args)
         for cfg in configs:
             try:
                 fns[cfg] = kernel_fn(cfg)
+                agree = agreement(fns[cfg](*args), want)
                 sweep[cfg] = _time(fns[cfg], *args)
-            except Exception as e:  # noqa: BLE001 (a tile config Triton cannot compile: any error)
+            except Exception as e:  # noqa: BLE001 (a tile config that does not compile: any error)
                 print(f"decode config {cfg}: failed ({type(e).__name__}: {str(e)[:200]})", flush=True)
                 continue
+            print(f"decode indexer [{cfg}] {label}: agreement with the reference's index sets {agree:.4f}", flush=True)
             rows.append(_row(f"decode indexer pallas [{cfg}] {label}", s, sweep[cfg], flops, nbytes, peak))
         if not sweep:
             return rows
         best = min(sweep, key=sweep.get)
-        configs = [best]
-        print(f"decode indexer [{best}] {label}: agreement with the reference's index sets "
-              f"{agreement(fns[best](*args), reference(*args)):.4f}", flush=True)
+        # fp8: the fastest Triton and the fastest Mosaic GPU tiles
+        configs = list({"mgpu" in cfg: cfg for cfg in sorted(sweep, key=sweep.get, reverse=True)}.values())
         rows.append(_row(f"decode scores only [{best}] {label}", s, _time(kernel_fn(best, scores_only=True), *args),
                          flops, nbytes, peak))
         fused = kernel_fn(best, topk_kernel=True)  # the top-k kernel in place of select_topk: same indices

@@ -9,8 +9,8 @@ flag name defined twice.)
 Each case draws sizes that are multiples of no block (T, S, K, heads, head dims), masks (causal
 offsets, negative ones included, per-sequence and per-query key limits, S < topk, unused and
 repeated selected rows), dtypes (float32, bfloat16; fp8 e4m3 with per-key scales for the indexers)
-and the kernel's tiles (chunks, causal runs, key blocks, key loop or, for bf16/fp8 prefill indexer cases now and then,
-the Mosaic GPU scores kernel (not interpreted under JAX 0.10), top-k kernel or selection, head
+and the kernel's tiles (chunks, causal runs, key blocks, key loop or, for bf16/fp8 indexer cases now and then,
+the Mosaic GPU scores kernels (not interpreted under JAX 0.10), top-k kernel or selection, head
 and row blocks, value split, split dkv, launch order, decode splits and key loops), runs the kernel (compiled on
 its accelerator, interpreted elsewhere; a Triton kernel off GPU is also lowered for CUDA, which the
 interpreter never does: `triton_lowering.export_for_cuda`) and its reference, and checks
@@ -31,6 +31,7 @@ lower for CUDA; float32 cases failed 1e-4 on the H200 under TF32) is in the test
 import collections
 import json
 import math
+import os
 import time
 
 import jax
@@ -142,7 +143,7 @@ def indexer_case(rng, impl, params):
         mosaic_tiles = {"mosaic_gpu": True, "block_t": _pick(rng, 1, 2), "block_s": _pick(rng, 64, 128),
                         "num_stages": _pick(rng, 1, 2, 3)}
         mosaic_tiles["pingpong"] = mosaic_tiles["num_stages"] > 1 and _pick(rng, True, True, False)
-        if mosaic and not (mosaic_gpu._JAX_010 and _interpret(impl)):
+        if mosaic and not (mosaic_gpu.JAX_010 and _interpret(impl)):
             tiles = {k: v for k, v in tiles.items() if k != "key_loop"} | mosaic_tiles
         kernel = indexer_topk_triton
     else:
@@ -168,6 +169,13 @@ def indexer_decode_case(rng, impl, params):
     if impl == "triton":
         tiles = {"block_s": _pick(rng, 16, 64, 128), "topk_kernel": _pick(rng, False, True),
                  "blocks": _pick(rng, 1, 2, 5), "num_stages": _pick(rng, 1, 3)}
+        # Now and then the Mosaic GPU scores kernel, where it reads the cache in place (whole 128-byte key rows,
+        # scales of 16-byte rows) and can run (not under JAX 0.10's interpreter).
+        mosaic = (q.dtype != jnp.float32 and d * q.dtype.itemsize % 128 == 0 and (k_scale is None or s % 4 == 0)
+                  and rng.random() < 0.5)
+        mosaic_block = _pick(rng, 64, 128)
+        if mosaic and not (mosaic_gpu.JAX_010 and _interpret(impl)):
+            tiles |= {"mosaic_gpu": True, "block_s": mosaic_block}
         kernel = indexer_topk_decode_triton
     else:
         tiles = {"selection": _pick(rng, *SELECTIONS)}
@@ -276,6 +284,11 @@ def run(kernels, impls, cases, seed):
 
 def main(argv):
     del argv
+    # Mosaic GPU's interpreter runs each simulated warpgroup as an XLA:CPU computation whose barrier waits block in
+    # host callbacks; with one CPU device on a 2-core machine they can starve the callback threads (a hang). Several
+    # host devices avoid it (tests/conftest.py runs 8). Set before JAX starts its backends (it has not, here).
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     for name, values, known in (("fuzz_kernels", _KERNELS.value, KERNELS), ("fuzz_impls", _IMPLS.value, IMPLS)):
         if not set(values) <= set(known):
             raise app.UsageError(f"--{name}: expected some of {known}, got {values}")

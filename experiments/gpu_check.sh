@@ -8,7 +8,7 @@
 #   bash experiments/gpu_check.sh kernels    DSA kernels at their default tiles: each checked on the device against
 #                                            its reference, then timed against its baselines (at most 5 minutes of caps)
 #   bash experiments/gpu_check.sh sweep      the tile and variant sweeps that pick those defaults, at T = 16K and 64K,
-#                                            and the Mosaic GPU indexer against them (at most 8.8 minutes of caps)
+#                                            and the Mosaic GPU indexers against them (at most 9 minutes of caps)
 #   bash experiments/gpu_check.sh fuzz       the compiled Triton kernels on random odd-sized cases and random tiles against
 #                                            their references (experiments/fuzz_kernels.py; 8 per kernel, 180 s cap)
 # A 15-minute device budget (machine start included) holds 'sweep' (it times the default tiles too) and then 'fuzz',
@@ -61,11 +61,13 @@ if [[ $PART == all || $PART == kernels ]]; then
          --index_fp8_configs=2:128:8:2:loop --topk_configs=4096:8 --bwd_configs=32:32:8:2 --seq_lens=16384,65536
          --noindex_variants)
 elif [[ $PART == sweep ]]; then
-  # The Mosaic GPU indexer (untimed; a kernel of barriers, so a step of its own: a hang costs only its cap) against the
-  # Triton default in the same run, then the Triton tiles with their variants. The backward's tiles were settled on
-  # 2026-11-29: 'kernels' times it.
-  caps=(60 45 120 100 200)
+  # The Mosaic GPU indexers (untimed; kernels of barriers, so steps of their own: a hang costs only their cap)
+  # against the Triton default in the same run, beside the Triton tiles (the prefill ones with their variants). The
+  # backward's tiles were settled on 2026-11-29: 'kernels' times it.
+  caps=(50 45 120 100 180 45)
   tiles=(--seq_lens=16384,65536)
+  decode_triton=(--decode_configs=128:4:1:1,128:4:8:3,128:8:8:3,64:4:16:3,256:8:4:2)
+  decode_mgpu=(--decode_configs=128:8:64:4:mgpu,128:8:32:6:mgpu,64:8:128:8:mgpu,256:8:32:3:mgpu,128:4:1:1)
   mgpu=(--index_configs=2:128:12:3:mgpu,4:64:12:3:mgpu,2:64:12:4:mgpu,2:128:8:2:loop
         --index_fp8_configs=2:128:12:4:mgpu,4:64:12:4:mgpu,2:128:8:2:loop --noindex_variants)
   triton=(--index_configs=2:128:8:2:loop,2:128:8:3:loop,4:128:8:2
@@ -76,8 +78,14 @@ if [[ $PART == all || $PART == kernels || $PART == sweep ]]; then
   bench() { local name=$1 cap=$2 parts=$3 json=$4; shift 4
     step "$name" "$cap" python3 -m experiments.bench_kernels --parts="$parts" "${tiles[@]}" \
       --out="$OUT/bench_kernels_$json.json" "$@"; }
-  bench "decode indexer (B=64, S=128K, T=1) on the stacked cache vs the old path (layer slice)" "${caps[0]}" decode \
-    decode
+  if [[ $PART == sweep ]]; then
+    bench "decode indexer, Triton tiles (B=64, S=128K, T=1) on the stacked cache vs the old path (layer slice)" \
+      "${caps[0]}" decode decode "${decode_triton[@]}"
+    bench "decode indexer, Mosaic GPU tiles vs the Triton default" "${caps[5]}" decode decode_mgpu "${decode_mgpu[@]}"
+  else
+    bench "decode indexer (B=64, S=128K, T=1) on the stacked cache vs the old path (layer slice)" "${caps[0]}" decode \
+      decode
+  fi
   bench "decode sparse MLA (H=128, k=2048) on the stacked cache vs the old path (XLA gather + prefill kernel)" \
     "${caps[1]}" decode_mla decode_mla
   bench "sparse MLA forward: check on the device, then time against the XLA reference and cuDNN dense" \

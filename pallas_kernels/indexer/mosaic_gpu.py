@@ -24,7 +24,7 @@ load fewer key blocks.
 
 bf16/f16 and fp8 e4m3 inputs (Hopper's fp8 wgmma: both operands K-major, as here); float32 is the
 Triton kernel's. Heads are padded to a multiple of 16, D to a whole swizzle row (64 bf16, 128 fp8
-elements: no copy at V3.2's D = 128).
+elements: no copy at V3.2's D = 128); S is not padded (TMA fills the rows past S with zeros).
 
 Untimed: written without a GPU (2026-11-30). Checked here under Mosaic GPU's interpreter
 (`plgpu` kernels run on CPU with simulated shared memory, TMA and barriers) against the reference,
@@ -44,35 +44,63 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 BLOCK_T, BLOCK_S, NUM_STAGES = 2, 128, 3  # queries per consumer, keys per step, ring slots
 _CONSUMERS = 2
-_ROW = plgpu.Layout.WGMMA.reduce(1)  # a [block_s] vector along the accumulator's rows (one value per key)
-_COL = plgpu.Layout.WGMMA.reduce(0)  # a [H] vector along its columns (one value per head)
+ROW = plgpu.Layout.WGMMA.reduce(1)  # a [block_s] vector along the accumulator's rows (one value per key)
+COL = plgpu.Layout.WGMMA.reduce(0)  # a [H] vector along its columns (one value per head)
 # JAX 0.10's plgpu.load takes the index as a positional argument (0.11 deprecates it for ref.at[...]), and
 # 0.10's GPU interpreter has no rule for it nor for layout casts (layouts mean nothing there).
-_IDX = inspect.signature(plgpu.load).parameters.get("idx")  # JAX 0.12 has none
-_JAX_010 = _IDX is not None and _IDX.default is inspect.Parameter.empty
+_LOAD_IDX = inspect.signature(plgpu.load).parameters.get("idx")  # JAX 0.12 has none
+JAX_010 = _LOAD_IDX is not None and _LOAD_IDX.default is inspect.Parameter.empty
 
 
-def _load(ref, layout, interpreted):
+def load_in_layout(ref, layout, interpreted):
     """ref's array in `layout` (a plain read under JAX 0.10's interpreter)."""
-    if not _JAX_010:
+    if not JAX_010:
         return plgpu.load(ref, layout=layout)
     return ref[...] if interpreted else plgpu.load(ref, (), layout=layout)
 
 
-def _in_layout(x, layout, interpreted):
+def in_layout(x, layout, interpreted):
     """x cast to `layout` (no cast under JAX 0.10's interpreter)."""
-    return x if interpreted and _JAX_010 else plgpu.layout_cast(x, layout)
+    return x if interpreted and JAX_010 else plgpu.layout_cast(x, layout)
 
 
-def _transposed(ref):
+def transposed(ref):
     """ref [N, K] as the wgmma B operand [K, N] (K-major; fp8 wgmma takes no other)."""
-    return plgpu.transpose_ref(ref, (1, 0)) if _JAX_010 else ref.transpose((1, 0))  # 0.11 deprecates transpose_ref
+    return plgpu.transpose_ref(ref, (1, 0)) if JAX_010 else ref.transpose((1, 0))  # 0.11 deprecates transpose_ref
 
 
-def _smem_transforms(dtype):
+def smem_transforms(dtype):
     """Tiling and 128-byte swizzle of a [rows, D] wgmma operand in shared memory."""
     swizzle = 128
     return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
+
+
+def query_weights(w_smem, block_s, interpreted):
+    """Each query's head weights (w_smem [T, H] float32) broadcast along a tile's block_s keys: [block_s, H] each."""
+    t, hp = w_smem.shape
+    return [jax.lax.broadcast_in_dim(load_in_layout(w_smem.at[i], COL, interpreted), (block_s, hp), [1])
+            for i in range(t)]
+
+
+def fill_masked(ninf_smem, interpreted):
+    """ninf_smem [T, block_s] = -inf, for the blocks past every limit (in the scores' layout: a splat stores only
+    in multiples of 128 elements)."""
+    t, block_s = ninf_smem.shape
+    for i in range(t):
+        ninf_smem[i] = in_layout(jnp.full((block_s,), -jnp.inf, jnp.float32), ROW, interpreted)
+
+
+def store_scores(o_smem, step, accs, weights, k_scale, keys, limits, dst):
+    """Writes one tile's scores to dst (GMEM [T, block_s]) through slot step % 2 of o_smem [2, T, block_s]:
+    k_scale · Σ_h w·relu(logits) per query (accs[t] [block_s, H]), -inf where keys[s] >= limits[t]."""
+    slot = jax.lax.rem(step, 2)
+    plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store that last read this slot is done
+    for t, (acc, w, limit) in enumerate(zip(accs, weights, limits, strict=True)):
+        scores = jnp.sum(jnp.maximum(acc, 0.0) * w, axis=1)
+        scores = scores if k_scale is None else scores * k_scale
+        o_smem[slot, t] = jnp.where(keys < limit, scores, -jnp.inf)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem.at[slot], dst)
 
 
 def _scores_kernel(steps_ref, limit_ref, q_ref, w_ref, k_ref, ks_ref, out_ref, *, block_t, block_s, num_stages,
@@ -80,9 +108,9 @@ def _scores_kernel(steps_ref, limit_ref, q_ref, w_ref, k_ref, ks_ref, out_ref, *
     """Grid (tiles, B), 3 warpgroups: consumers 0 and 1 (block_t queries each), the producer 2 (module docstring)."""
     b, tile = jax.lax.axis_index("batch"), jax.lax.axis_index("tile")
     _, _, hp, d = q_ref.shape
-    num_blocks = k_ref.shape[1] // block_s
+    num_blocks = out_ref.shape[2] // block_s
     steps = steps_ref[b, tile]  # key blocks any of the CTA's queries sees
-    transforms = _smem_transforms(k_ref.dtype)
+    transforms = smem_transforms(k_ref.dtype)
 
     def body(q_smem, w_smem, k_smem, ks_smem, o_smem, ninf_smem, q_barrier, k_barriers, consumed, turns):
         wg = jax.lax.axis_index("wg")
@@ -99,12 +127,10 @@ def _scores_kernel(steps_ref, limit_ref, q_ref, w_ref, k_ref, ks_ref, out_ref, *
             plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(first, block_t)], q_smem.at[wg], q_barrier.at[wg])
             plgpu.copy_gmem_to_smem(w_ref.at[b, pl.ds(first, block_t)], w_smem.at[wg], q_barrier.at[wg])
             limits = [limit_ref[b, first + t] for t in range(block_t)]
-            for t in range(block_t):  # in the scores' layout: a splat stores only in multiples of 128 elements
-                ninf_smem[wg, t] = _in_layout(jnp.full((block_s,), -jnp.inf, jnp.float32), _ROW, interpreted)
+            fill_masked(ninf_smem.at[wg], interpreted)
             plgpu.barrier_wait(q_barrier.at[wg])
-            weights = [jax.lax.broadcast_in_dim(_load(w_smem.at[wg, t], _COL, interpreted), (block_s, hp), [1])
-                       for t in range(block_t)]
-            keys = _in_layout(jax.lax.iota(jnp.int32, block_s), _ROW, interpreted)
+            weights = query_weights(w_smem.at[wg], block_s, interpreted)
+            keys = in_layout(jax.lax.iota(jnp.int32, block_s), ROW, interpreted)
             pl.when(wg == 1)(take_turns)  # consumer 1 runs half a step behind consumer 0
 
             @pl.loop(0, steps)
@@ -114,21 +140,15 @@ def _scores_kernel(steps_ref, limit_ref, q_ref, w_ref, k_ref, ks_ref, out_ref, *
 
                 def logits(*acc_refs):
                     for t, acc in enumerate(acc_refs):
-                        plgpu.wgmma(acc, k_smem.at[slot], _transposed(q_smem.at[wg, t]))
+                        plgpu.wgmma(acc, k_smem.at[slot], transposed(q_smem.at[wg, t]))
                     take_turns()  # the other consumer's epilogue ran during these matmuls; now it issues its own
                     return [acc[...] for acc in acc_refs]
 
                 accs = pl.run_scoped(logits, *[plgpu.ACC((block_s, hp), jnp.float32)] * block_t)
-                k_scale = _load(ks_smem.at[slot], _ROW, interpreted)
+                k_scale = load_in_layout(ks_smem.at[slot], ROW, interpreted)
                 plgpu.barrier_arrive(consumed.at[slot])  # the slot's key tile and scales are in registers now
-                out_slot = jax.lax.rem(step, 2)
-                plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store that last read this slot is done
-                for t in range(block_t):
-                    scores = jnp.sum(jnp.maximum(accs[t], 0.0) * weights[t], axis=1) * k_scale
-                    o_smem[wg, out_slot, t] = jnp.where(keys + step * block_s < limits[t], scores, -jnp.inf)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_smem.at[wg, out_slot],
-                                        out_ref.at[b, pl.ds(first, block_t), pl.ds(step * block_s, block_s)])
+                store_scores(o_smem.at[wg], step, accs, weights, k_scale, keys + step * block_s, limits,
+                             out_ref.at[b, pl.ds(first, block_t), pl.ds(step * block_s, block_s)])
 
             pl.when(wg == 0)(take_turns)  # consumer 1's last turn
             plgpu.commit_smem()
@@ -206,7 +226,9 @@ def indexer_scores_mosaic_gpu(q, k, w, k_scale, k_len, positions, *, q_offset=0,
     tp, sp, hp, dp = -(-tc // per_cta) * per_cta, -(-s // block_s) * block_s, -(-h // 16) * 16, -(-d // row) * row
     q = jnp.pad(q, ((0, 0), (0, tp - tc), (0, hp - h), (0, dp - d)))
     w = jnp.pad(w.astype(jnp.float32), ((0, 0), (0, tp - tc), (0, hp - h)))
-    k = jnp.pad(k, ((0, 0), (0, sp - s), (0, dp - d)))
+    # k is not padded to Sp: TMA fills the last block's rows past S with zeros (their scores are -inf). Its scales
+    # are (a TMA row must be a multiple of 16 bytes).
+    k = jnp.pad(k, ((0, 0), (0, 0), (0, dp - d)))
     k_scale = jnp.pad(k_scale.astype(jnp.float32), ((0, 0), (0, sp - s)))
     # Query t sees the keys < limit[b, t]; padded queries none.
     limit = jnp.minimum(positions.astype(jnp.int32)[None, :] + q_offset + 1, k_len.astype(jnp.int32)[:, None])
@@ -220,13 +242,18 @@ def indexer_scores_mosaic_gpu(q, k, w, k_scale, k_len, positions, *, q_offset=0,
         grid_names=("tile", "batch"),
         num_threads=_CONSUMERS + 1,
         thread_name="wg",
-        interpret=_interpret_params() if interpret else False,
+        interpret=interpret_params() if interpret else False,
     )
     return kernel(steps, limit, q, w, k, k_scale)[:, :tc, :s]
 
 
-def _interpret_params():
-    """Mosaic GPU's interpreter (simulated shared memory, TMA and barriers); JAX 0.10 does not export it."""
+def interpret_params():
+    """Mosaic GPU's interpreter (simulated shared memory, TMA and barriers); JAX 0.10 does not export it.
+
+    It runs each warpgroup as an XLA:CPU computation whose barrier waits block in host callbacks: with one
+    CPU device on 2 cores they can starve the callback threads and hang. Run it with several host devices
+    (XLA_FLAGS=--xla_force_host_platform_device_count=8, as tests/conftest.py and experiments/fuzz_kernels.py do).
+    """
     params = getattr(plgpu, "InterpretGPUParams", None)
     if params is None:
         from jax._src.pallas.mosaic_gpu.interpret.params import (

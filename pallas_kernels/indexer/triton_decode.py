@@ -52,6 +52,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.indexer.mosaic_gpu_decode import indexer_scores_decode_mosaic_gpu
 from pallas_kernels.tiles import next_pow2, overflows_offsets
 from pallas_kernels.topk import select_topk
 from pallas_kernels.topk_triton import select_topk_triton
@@ -152,13 +153,16 @@ def indexer_scores_decode_triton(q, k_cache, w, layer, k_len, k_scale=None, *, b
 
 
 def indexer_topk_decode_triton(q, k_cache, w, layer, k_len, *, topk, k_scale=None, topk_kernel=False, interpret=False,
-                               **tiles):
+                               mosaic_gpu=False, **tiles):
     """Same contract as `indexer_topk_decode_reference`: int32 [B, T, topk], -1 for empty slots, indices ascending.
 
     topk_kernel: the top-k by `select_topk_triton` (one kernel) instead of `select_topk` (XLA); same result.
+    mosaic_gpu: the scores by the Mosaic GPU kernel (`pallas_kernels/indexer/mosaic_gpu_decode.py`; untimed) instead;
+    tiles: its block_s, blocks, num_stages.
     """
     t = q.shape[1]
-    scores = indexer_scores_decode_triton(q, k_cache, w, layer, k_len, k_scale, interpret=interpret, **tiles)
+    score = indexer_scores_decode_mosaic_gpu if mosaic_gpu else indexer_scores_decode_triton
+    scores = score(q, k_cache, w, layer, k_len, k_scale, interpret=interpret, **tiles)
     # -inf scores (masked or padded keys) are never selected; -1 fills the slots past the valid keys.
     scores = scores[:, :t]
     return select_topk_triton(scores, topk, interpret=interpret) if topk_kernel else select_topk(scores, topk)

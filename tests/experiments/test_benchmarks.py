@@ -48,7 +48,7 @@ def test_bench_kernels_every_part(tmp_path):
     assert all(r["ms"] > 0 for r in result["rows"])
     # every indexer variant selected the reference's keys; the attention kernels stayed within bf16 error
     agreements = [line for line in stdout.splitlines() if "agreement with the reference's index sets" in line]
-    assert len(agreements) == 5 and all(line.endswith("1.0000") for line in agreements), agreements
+    assert len(agreements) == 6 and all(line.endswith("1.0000") for line in agreements), agreements
     equal = [line for line in stdout.splitlines() if "kernel equals select_topk" in line
              or "equal to select_topk" in line]  # the top-k kernel, prefill chunk and decode
     assert len(equal) == 3 and all(line.endswith("True") for line in equal), equal
@@ -68,23 +68,29 @@ def test_bench_kernels_every_part(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(mosaic_gpu._JAX_010, reason="JAX 0.10's Mosaic GPU interpreter lacks transposed wgmma operands")
+@pytest.mark.skipif(mosaic_gpu.JAX_010, reason="JAX 0.10's Mosaic GPU interpreter lacks transposed wgmma operands")
 def test_bench_kernels_times_the_mosaic_gpu_indexer(tmp_path):
     """":mgpu" configs run the Mosaic GPU scores kernel (interpreted here), bf16 and fp8, beside a Triton one."""
-    result, stdout = _run("experiments.bench_kernels", tmp_path / "mgpu.json", *KERNELS, "--parts=indexer",
+    result, stdout = _run("experiments.bench_kernels", tmp_path / "mgpu.json", *KERNELS, "--parts=indexer,decode",
                           "--seq_lens=64", "--sweep_len=64", "--check_len=48", "--max_reference_len=0",
-                          "--index_configs=2:64:12:2:mgpu,4:16:4:1:loop", "--index_fp8_configs=2:64:12:2:mgpu",
-                          "--noindex_variants")
+                          "--index_dim=128", "--index_configs=2:64:12:2:mgpu,4:16:4:1:loop",
+                          "--index_fp8_configs=2:64:12:2:mgpu", "--noindex_variants",
+                          "--decode_configs=64:8:2:2:mgpu,64:4:1:1")
     names = [r["kernel"] for r in result["rows"]]
     for prefix in ("indexer_topk pallas mosaic-gpu [2:64:12:2:mgpu]", "indexer_topk pallas key-loop [4:16:4:1:loop]",
-                   "indexer_topk pallas fp8 mosaic-gpu [2:64:12:2:mgpu]"):
+                   "indexer_topk pallas fp8 mosaic-gpu [2:64:12:2:mgpu]", "decode indexer pallas [64:8:2:2:mgpu] B2 T1 bf16",
+                   "decode indexer pallas [64:8:2:2:mgpu] B2 T1 fp8", "decode indexer pallas [64:4:1:1] B2 T1 fp8"):
         assert any(n.startswith(prefix) for n in names), (prefix, names)
+    # 3 prefill configs; decode: 2 configs in bf16, the best of each kernel in fp8
     agreements = [line for line in stdout.splitlines() if "agreement with the reference's index sets" in line]
-    assert len(agreements) == 3 and all(line.endswith("1.0000") for line in agreements), agreements
+    assert len(agreements) == 7 and all(line.endswith("1.0000") for line in agreements), agreements
 
 
 def test_index_configs_name_their_kernel():
     from experiments import bench_kernels as bench
+    assert bench.decode_tiles("128:8:64:4:mgpu") == {"block_s": 128, "blocks": 64, "num_stages": 4, "mosaic_gpu": True}
+    with pytest.raises(ValueError, match="2 warpgroups, num_warps 8"):
+        bench.decode_tiles("128:4:64:4:mgpu")
     assert [bench.index_kind(c) for c in ("4:128:8:2", "2:128:8:2:loop", "2:128:12:3:mgpu")] == [
         "grid", "key-loop", "mosaic-gpu"]
     assert bench.index_tiles("2:128:12:3:mgpu") == {"block_t": 2, "block_s": 128, "num_stages": 3, "mosaic_gpu": True}

@@ -1,15 +1,23 @@
-"""The Mosaic GPU indexer-scores kernel (pallas_kernels/indexer/mosaic_gpu.py): under Mosaic GPU's interpreter
-(CPU, JAX >= 0.11) it equals the Triton kernel and, through indexer_topk_triton, the reference; it lowers for
-CUDA at V3.2 shapes on any JAX."""
+"""The Mosaic GPU indexer-scores kernels, prefill (pallas_kernels/indexer/mosaic_gpu.py) and decode
+(mosaic_gpu_decode.py): under Mosaic GPU's interpreter (CPU, JAX >= 0.11) each equals its Triton counterpart and,
+through indexer_topk_triton / indexer_topk_decode_triton, the reference; they lower for CUDA at V3.2 shapes on any
+JAX."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.indexer import mosaic_gpu
-from pallas_kernels.indexer.reference import indexer_topk_reference
+from pallas_kernels.indexer import mosaic_gpu, mosaic_gpu_decode
+from pallas_kernels.indexer.reference import (
+    indexer_topk_decode_reference,
+    indexer_topk_reference,
+)
 from pallas_kernels.indexer.triton import indexer_scores_triton, indexer_topk_triton
+from pallas_kernels.indexer.triton_decode import (
+    indexer_scores_decode_triton,
+    indexer_topk_decode_triton,
+)
 from pallas_kernels.triton_lowering import export_for_cuda
 from tests.pallas_kernels.test_indexer import (
     ascending_then_padding,
@@ -18,7 +26,7 @@ from tests.pallas_kernels.test_indexer import (
 )
 
 # JAX 0.10's GPU interpreter has no transposed wgmma operand (the kernel's q[t]ᵀ); .ci/jax_versions runs these.
-needs_interpreter = pytest.mark.skipif(mosaic_gpu._JAX_010, reason="JAX 0.10's Mosaic GPU interpreter lacks "
+needs_interpreter = pytest.mark.skipif(mosaic_gpu.JAX_010, reason="JAX 0.10's Mosaic GPU interpreter lacks "
                                        "transposed wgmma operands")
 
 
@@ -88,3 +96,74 @@ def test_rejects_float32_and_bad_tiles():
         run(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), block_s=96)
     with pytest.raises(ValueError, match="pingpong needs num_stages >= 2"):
         run(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), num_stages=1)
+
+
+def decode_inputs(layers, b, t, s, h, d, dtype, scaled):
+    rng = np.random.default_rng(s)
+    q = jnp.asarray(rng.normal(size=(b, t, h, d)), dtype)
+    k_cache = jnp.asarray(rng.normal(size=(layers, b, s, d)), dtype)
+    w = jnp.asarray(rng.normal(size=(b, t, h)), jnp.float32)
+    k_scale = jnp.asarray(rng.uniform(0.5, 2, size=(layers, b, s)), jnp.float32) if scaled else None
+    return q, k_cache, w, k_scale
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype, t, s, d, k_len, scaled, tiles", [
+    # S = 300: the last of 5 blocks partial (TMA fills its rows past S with zeros), 2 CTAs per sequence, k_len 0
+    (jnp.bfloat16, 1, 300, 64, [[300], [0]], False, {"block_s": 64, "blocks": 3, "num_stages": 2}),
+    # fp8 with key scales, two queries (MTP), k_len below one block and mid-span, one slot
+    (jnp.float8_e4m3fn, 2, 520, 128, [[520, 37], [5, 250]], True, {"block_s": 128, "blocks": 3, "num_stages": 1}),
+])
+def test_decode_scores_equal_the_triton_kernel(dtype, t, s, d, k_len, scaled, tiles):
+    """Layer 1 of a 3-layer cache read in place: the Triton decode kernel's -inf mask and scores (IEEE float32)."""
+    q, k_cache, w, k_scale = decode_inputs(3, 2, t, s, 12, d, dtype, scaled)
+    kl = jnp.asarray(k_len, jnp.int32)
+    got = np.asarray(mosaic_gpu_decode.indexer_scores_decode_mosaic_gpu(q, k_cache, w, 1, kl, k_scale, interpret=True,
+                                                                        **tiles))
+    with jax.default_matmul_precision("highest"):
+        want = np.asarray(indexer_scores_decode_triton(q, k_cache, w, 1, kl, k_scale, block_s=64, interpret=True))
+    n = -(-s // tiles["block_s"]) * tiles["block_s"]
+    assert got.shape == (2, t, n) and np.all(np.isneginf(got[..., s:])) and np.all(np.isneginf(want[:, :t, s:]))
+    got, want = got[..., :s], want[:, :t, :s]
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-5, atol=1e-4)
+
+
+@needs_interpreter
+def test_decode_topk_matches_reference():
+    """indexer_topk_decode_triton(mosaic_gpu=True) with a traced layer: the reference's keys."""
+    q, k_cache, w, k_scale = decode_inputs(2, 2, 1, 256, 8, 128, jnp.float8_e4m3fn, True)
+    kl = jnp.asarray([[200], [3]], jnp.int32)
+    run = jax.jit(lambda layer: indexer_topk_decode_triton(q, k_cache, w, layer, kl, topk=8, k_scale=k_scale,
+                                                           mosaic_gpu=True, block_s=64, blocks=2, num_stages=2,
+                                                           interpret=True))
+    got = np.asarray(run(jnp.int32(1)))
+    want = np.asarray(indexer_topk_decode_reference(q, k_cache, w, 1, kl, topk=8, k_scale=k_scale))
+    np.testing.assert_array_equal(np.sort(got, -1), np.sort(want, -1))
+    assert np.all(got[1, 0, 3:] == -1)
+
+
+@pytest.mark.parametrize("dtype, t", [(jnp.bfloat16, 1), (jnp.float8_e4m3fn, 1), (jnp.bfloat16, 2)])
+def test_decode_lowers_for_cuda_at_v32_shapes(dtype, t):
+    """B = 64 sequences, a 2-layer cache of 128K keys, 64 heads x 128 (fp8 with its scales): one Mosaic GPU call."""
+    sd = jax.ShapeDtypeStruct
+    args = (sd((64, t, 64, 128), dtype), sd((2, 64, 131072, 128), dtype), sd((64, t, 64), jnp.float32),
+            sd((), jnp.int32), sd((64, t), jnp.int32), sd((2, 64, 131072), jnp.float32))
+    scaled = dtype == jnp.float8_e4m3fn
+    fn = lambda q, kc, w, layer, kl, ks: indexer_topk_decode_triton(q, kc, w, layer, kl, topk=2048, mosaic_gpu=True,
+                                                                     k_scale=ks if scaled else None)
+    assert export_for_cuda(fn, args).mlir_module().count("custom_call @mosaic_gpu") == 1
+
+
+def test_decode_rejects_what_it_cannot_read_in_place():
+    q, k_cache, w, k_scale = decode_inputs(1, 1, 1, 66, 4, 32, jnp.bfloat16, True)
+    run = lambda q, kc, ks=None: mosaic_gpu_decode.indexer_scores_decode_mosaic_gpu(q, kc, w, 0, jnp.full((1, 1), 66),
+                                                                                    ks)
+    with pytest.raises(ValueError, match="whole 128-byte rows"):
+        run(q, k_cache)  # D = 32 bf16: 64 bytes
+    q, k_cache, w, k_scale = decode_inputs(1, 1, 1, 66, 4, 64, jnp.bfloat16, True)
+    with pytest.raises(ValueError, match="S % 4 == 0"):
+        run(q, k_cache, k_scale)
+    with pytest.raises(ValueError, match="bf16, f16 or float8_e4m3fn"):
+        run(q.astype(jnp.float32), k_cache.astype(jnp.float32))
