@@ -215,6 +215,12 @@ def _row(name, t, seconds, flops, nbytes, peak_tflops=None):
     return row
 
 
+def _failure(e):
+    """A config's error for the log: its type, and its message's head and tail (a compiler's error ends in its cause)."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text if len(text) <= 600 else text[:300] + ' ... ' + text[-300:]}"
+
+
 def _tiles(cfg, flag, names, suffix=None, variant=None):
     """Keywords of a --flag entry: int fields `names` joined by ":", then optionally ":suffix" (variant=True)."""
     fields = cfg.split(":")
@@ -315,7 +321,7 @@ def _indexer_split(t, q, kk, ww, cfg):
         try:
             same = bool(jnp.all(kernel(scores) == selected))
         except Exception as e:  # noqa: BLE001 (a tile config Triton cannot compile: any error)
-            print(f"top-k kernel [{topk_cfg}]: failed ({type(e).__name__}: {str(e)[:200]})", flush=True)
+            print(f"top-k kernel [{topk_cfg}]: failed ({_failure(e)})", flush=True)
             continue
         print(f"top-k kernel [{topk_cfg}] at T={t}: equal to select_topk: {same}", flush=True)
         rows.append(_row(f"top-k kernel [{topk_cfg}] [{chunk}xT] 1 chunk", t, _time(kernel, scores), 0, nbytes))
@@ -355,7 +361,7 @@ def _indexer(prefill_seconds):
             try:
                 agree = agreement(kernel_fn(cfg)(q, kk, ww), want)
             except Exception as e:  # noqa: BLE001 (a tile config Triton cannot compile: any error)
-                print(f"indexer {label}config {cfg}: failed ({type(e).__name__}: {str(e)[:200]})", flush=True)
+                print(f"indexer {label}config {cfg}: failed ({_failure(e)})", flush=True)
                 continue
             print(f"indexer {label}[{cfg}] agreement with the reference's index sets at T={_CHECK_LEN.value}: "
                   f"{agree:.4f}", flush=True)
@@ -469,7 +475,7 @@ def _decode():
                 agree = agreement(fns[cfg](*args), want)
                 sweep[cfg] = _time(fns[cfg], *args)
             except Exception as e:  # noqa: BLE001 (a tile config that does not compile: any error)
-                print(f"decode config {cfg}: failed ({type(e).__name__}: {str(e)[:200]})", flush=True)
+                print(f"decode config {cfg}: failed ({_failure(e)})", flush=True)
                 continue
             print(f"decode indexer [{cfg}] {label}: agreement with the reference's index sets {agree:.4f}", flush=True)
             rows.append(_row(f"decode indexer pallas [{cfg}] {label}", s, sweep[cfg], flops, nbytes, peak))
@@ -540,7 +546,7 @@ def _decode_attention(scale, v):
             errors[cfg] = float(jnp.max(jnp.abs(fn(*args).astype(jnp.float32) - want)))
             rows.append(row(f"decode sparse_mla pallas [{cfg}]", _time(fn, *args)))
         except Exception as e:  # noqa: BLE001 (a tile config Triton cannot compile: any error)
-            print(f"decode sparse_mla config {cfg}: failed ({type(e).__name__}: {str(e)[:200]})", flush=True)
+            print(f"decode sparse_mla config {cfg}: failed ({_failure(e)})", flush=True)
     print(f"decode sparse_mla max abs error vs the XLA reference (bf16) per config: {errors}", flush=True)
     rows.append(row("decode sparse_mla old: gather + prefill kernel", _time(old_path, *args)))
     rows.append(row("decode sparse_mla xla reference", _time(reference, *args)))
@@ -581,7 +587,7 @@ def _backward(scale, v):
                 timed[cfg] = _time(fn, q, kv, idx, out, lse, d_out)
                 rows.append(_row(f"sparse_mla bwd pallas [{cfg}]", t, timed[cfg], flops, nbytes))
             except Exception as e:
-                print(f"backward config {cfg}: failed ({type(e).__name__}: {str(e)[:200]})", flush=True)
+                print(f"backward config {cfg}: failed ({_failure(e)})", flush=True)
         if timed:  # the launch order first measured, for the fastest config
             best = min(timed, key=timed.get)
             rows.append(_row(f"sparse_mla bwd pallas query-major [{best}]", t,

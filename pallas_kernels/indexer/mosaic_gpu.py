@@ -90,6 +90,56 @@ def fill_masked(ninf_smem, interpreted):
         ninf_smem[i] = in_layout(jnp.full((block_s,), -jnp.inf, jnp.float32), ROW, interpreted)
 
 
+def block_logits(k_tile, q_tiles, after_issue=None):
+    """Logits [block_s, H] float32 of the key tile (smem [block_s, D]) against each query's heads (q_tiles: smem
+    [H, D] refs), one wgmma each; after_issue runs once they are issued, before their results are read."""
+    block_s, hp = k_tile.shape[0], q_tiles[0].shape[0]
+
+    def run(*acc_refs):
+        for acc, q in zip(acc_refs, q_tiles, strict=True):
+            plgpu.wgmma(acc, k_tile, transposed(q))
+        if after_issue is not None:
+            after_issue()
+        return [acc[...] for acc in acc_refs]
+
+    return pl.run_scoped(run, *[plgpu.ACC((block_s, hp), jnp.float32)] * len(q_tiles))
+
+
+def produce_keys(steps, num_stages, rows, k_ref, ks_ref, k_smem, ks_smem, loaded, consumed):
+    """The producer: key block `rows(step)` (an index of k_ref's leading dims and key rows) of k_ref, and its
+    scales of ks_ref unless None, into slot step % num_stages for step in [0, steps), each once the consumers
+    released the block the slot held; then it waits out each slot's last release (no barrier phase is left
+    unobserved)."""
+    @pl.loop(0, steps)
+    def _load(step):
+        slot = jax.lax.rem(step, num_stages)
+
+        @pl.when(step >= num_stages)
+        def _():
+            plgpu.barrier_wait(consumed.at[slot])
+
+        plgpu.copy_gmem_to_smem(k_ref.at[rows(step)], k_smem.at[slot], loaded.at[slot])
+        if ks_ref is not None:
+            plgpu.copy_gmem_to_smem(ks_ref.at[rows(step)], ks_smem.at[slot], loaded.at[slot])
+
+    @pl.loop(jnp.maximum(steps - num_stages, 0), steps)
+    def _drain(step):
+        plgpu.barrier_wait(consumed.at[jax.lax.rem(step, num_stages)])
+
+
+def store_masked(ninf_smem, start, stop, dst):
+    """-inf (ninf_smem, `fill_masked`) into dst(step) for step in [start, stop): the blocks past every query's
+    limit, neither loaded nor scored; then waits for every store of the consumer."""
+    plgpu.commit_smem()
+
+    @pl.loop(start, stop)
+    def _(step):
+        plgpu.copy_smem_to_gmem(ninf_smem, dst(step))
+        plgpu.wait_smem_to_gmem(8, wait_read_only=True)
+
+    plgpu.wait_smem_to_gmem(0)
+
+
 def store_scores(o_smem, step, accs, weights, k_scale, keys, limits, dst):
     """Writes one tile's scores to dst (GMEM [T, block_s]) through slot step % 2 of o_smem [2, T, block_s]:
     k_scale · Σ_h w·relu(logits) per query (accs[t] [block_s, H]), -inf where keys[s] >= limits[t]."""
@@ -133,53 +183,26 @@ def _scores_kernel(steps_ref, limit_ref, q_ref, w_ref, k_ref, ks_ref, out_ref, *
             keys = in_layout(jax.lax.iota(jnp.int32, block_s), ROW, interpreted)
             pl.when(wg == 1)(take_turns)  # consumer 1 runs half a step behind consumer 0
 
+            dst = lambda step: out_ref.at[b, pl.ds(first, block_t), pl.ds(step * block_s, block_s)]
+
             @pl.loop(0, steps)
             def _step(step):
                 slot = jax.lax.rem(step, num_stages)
                 plgpu.barrier_wait(k_barriers.at[slot])
-
-                def logits(*acc_refs):
-                    for t, acc in enumerate(acc_refs):
-                        plgpu.wgmma(acc, k_smem.at[slot], transposed(q_smem.at[wg, t]))
-                    take_turns()  # the other consumer's epilogue ran during these matmuls; now it issues its own
-                    return [acc[...] for acc in acc_refs]
-
-                accs = pl.run_scoped(logits, *[plgpu.ACC((block_s, hp), jnp.float32)] * block_t)
+                # take_turns: the other consumer's epilogue ran during these matmuls; now it issues its own.
+                accs = block_logits(k_smem.at[slot], [q_smem.at[wg, t] for t in range(block_t)], take_turns)
                 k_scale = load_in_layout(ks_smem.at[slot], ROW, interpreted)
                 plgpu.barrier_arrive(consumed.at[slot])  # the slot's key tile and scales are in registers now
-                store_scores(o_smem.at[wg], step, accs, weights, k_scale, keys + step * block_s, limits,
-                             out_ref.at[b, pl.ds(first, block_t), pl.ds(step * block_s, block_s)])
+                store_scores(o_smem.at[wg], step, accs, weights, k_scale, keys + step * block_s, limits, dst(step))
 
             pl.when(wg == 0)(take_turns)  # consumer 1's last turn
-            plgpu.commit_smem()
-
-            @pl.loop(steps, num_blocks)
-            def _masked(step):  # blocks past every query's limit: -inf, nothing loaded
-                plgpu.copy_smem_to_gmem(ninf_smem.at[wg],
-                                        out_ref.at[b, pl.ds(first, block_t), pl.ds(step * block_s, block_s)])
-                plgpu.wait_smem_to_gmem(8, wait_read_only=True)
-
-            plgpu.wait_smem_to_gmem(0)
+            store_masked(ninf_smem.at[wg], steps, num_blocks, dst)
 
         @pl.when(wg == _CONSUMERS)
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
-
-            @pl.loop(0, steps)
-            def _load_step(step):
-                slot = jax.lax.rem(step, num_stages)
-
-                @pl.when(step >= num_stages)
-                def _():  # both consumers are done with the block this slot held
-                    plgpu.barrier_wait(consumed.at[slot])
-
-                keys = pl.ds(step * block_s, block_s)
-                plgpu.copy_gmem_to_smem(k_ref.at[b, keys], k_smem.at[slot], k_barriers.at[slot])
-                plgpu.copy_gmem_to_smem(ks_ref.at[b, keys], ks_smem.at[slot], k_barriers.at[slot])
-
-            @pl.loop(jnp.maximum(steps - num_stages, 0), steps)
-            def _drain(step):  # observe each slot's last consumption: no barrier phase is left unobserved
-                plgpu.barrier_wait(consumed.at[jax.lax.rem(step, num_stages)])
+            produce_keys(steps, num_stages, lambda step: (b, pl.ds(step * block_s, block_s)), k_ref, ks_ref, k_smem,
+                         ks_smem, k_barriers, consumed)
 
     pl.run_scoped(
         body,

@@ -37,14 +37,16 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.indexer.mosaic_gpu import (
     ROW,
+    block_logits,
     fill_masked,
     in_layout,
     interpret_params,
     load_in_layout,
+    produce_keys,
     query_weights,
     smem_transforms,
+    store_masked,
     store_scores,
-    transposed,
 )
 
 BLOCK_S, BLOCKS, NUM_STAGES = 128, 64, 4  # keys per block, blocks per CTA, ring slots
@@ -75,50 +77,23 @@ def _decode_kernel(layer_ref, klen_ref, steps_ref, q_ref, w_ref, k_ref, *rest, b
             weights = query_weights(w_smem, block_s, interpreted)
             keys = in_layout(jax.lax.iota(jnp.int32, block_s), ROW, interpreted)
 
+            dst = lambda step: out_ref.at[b, :, pl.ds((first + step) * block_s, block_s)]
+
             @pl.loop(0, steps)
             def _step(step):
                 slot = jax.lax.rem(step, num_stages)
                 plgpu.barrier_wait(k_barriers.at[slot])
-
-                def logits(*acc_refs):
-                    for i, acc in enumerate(acc_refs):
-                        plgpu.wgmma(acc, k_smem.at[slot], transposed(q_smem.at[pl.ds(i * hp, hp)]))
-                    return [acc[...] for acc in acc_refs]
-
-                accs = pl.run_scoped(logits, *[plgpu.ACC((block_s, hp), jnp.float32)] * t)
+                accs = block_logits(k_smem.at[slot], [q_smem.at[pl.ds(i * hp, hp)] for i in range(t)])
                 k_scale = None if ks_ref is None else load_in_layout(ks_smem.at[slot], ROW, interpreted)
                 plgpu.barrier_arrive(consumed.at[slot])  # the slot's keys and scales are in registers now
-                start = (first + step) * block_s
-                store_scores(o_smem, step, accs, weights, k_scale, keys + start, limits,
-                             out_ref.at[b, :, pl.ds(start, block_s)])
+                store_scores(o_smem, step, accs, weights, k_scale, keys + (first + step) * block_s, limits, dst(step))
 
-            plgpu.commit_smem()
-
-            @pl.loop(steps, span)
-            def _masked(step):  # blocks past every query's k_len: -inf, nothing loaded
-                plgpu.copy_smem_to_gmem(ninf_smem, out_ref.at[b, :, pl.ds((first + step) * block_s, block_s)])
-                plgpu.wait_smem_to_gmem(8, wait_read_only=True)
-
-            plgpu.wait_smem_to_gmem(0)
+            store_masked(ninf_smem, steps, span, dst)
 
         @pl.when(wg == 1)
         def _producer():
-            @pl.loop(0, steps)
-            def _load_step(step):
-                slot = jax.lax.rem(step, num_stages)
-
-                @pl.when(step >= num_stages)
-                def _():  # the consumer is done with the block this slot held
-                    plgpu.barrier_wait(consumed.at[slot])
-
-                rows = pl.ds((first + step) * block_s, block_s)
-                plgpu.copy_gmem_to_smem(k_ref.at[row, rows], k_smem.at[slot], k_barriers.at[slot])
-                if ks_ref is not None:
-                    plgpu.copy_gmem_to_smem(ks_ref.at[row, rows], ks_smem.at[slot], k_barriers.at[slot])
-
-            @pl.loop(jnp.maximum(steps - num_stages, 0), steps)
-            def _drain(step):  # observe each slot's last consumption: no barrier phase is left unobserved
-                plgpu.barrier_wait(consumed.at[jax.lax.rem(step, num_stages)])
+            produce_keys(steps, num_stages, lambda step: (row, pl.ds((first + step) * block_s, block_s)), k_ref,
+                         ks_ref, k_smem, ks_smem, k_barriers, consumed)
 
     pl.run_scoped(
         body,
