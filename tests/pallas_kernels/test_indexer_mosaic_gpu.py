@@ -167,3 +167,30 @@ def test_decode_rejects_what_it_cannot_read_in_place():
         run(q, k_cache, k_scale)
     with pytest.raises(ValueError, match="bf16, f16 or float8_e4m3fn"):
         run(q.astype(jnp.float32), k_cache.astype(jnp.float32))
+
+
+def _swept_configs():
+    """(part, dtype, config) of every ":mgpu" default of experiments/bench_kernels.py (what gpu_check.sh sweep runs)."""
+    from experiments import bench_kernels as bench
+    flags = [("indexer", jnp.bfloat16, bench._INDEX_CONFIGS), ("indexer", jnp.float8_e4m3fn, bench._INDEX_FP8_CONFIGS),
+             ("decode", jnp.bfloat16, bench._DECODE_CONFIGS), ("decode", jnp.float8_e4m3fn, bench._DECODE_CONFIGS)]
+    return [(part, dtype, cfg) for part, dtype, flag in flags for cfg in flag.default if cfg.endswith(":mgpu")]
+
+
+@pytest.mark.parametrize("part, dtype, cfg", _swept_configs())
+def test_every_swept_config_lowers_within_shared_memory(part, dtype, cfg):
+    """Each Mosaic GPU tile the benchmark sweeps lowers for an H200 at V3.2 shapes, shared memory included (the
+    lowering refuses a kernel over the device's 227 KiB), so the device time is not spent on one that cannot."""
+    from experiments import bench_kernels as bench
+    sd = jax.ShapeDtypeStruct
+    if part == "indexer":
+        tiles = bench.index_tiles(cfg)
+        args = (sd((1, 1024, 64, 128), dtype), sd((1, 1024, 128), dtype), sd((1, 1024, 64), jnp.float32))
+        fn = lambda q, k, w: indexer_topk_triton(q, k, w, topk=2048, **tiles)
+    else:
+        tiles = bench.decode_tiles(cfg)
+        args = (sd((64, 1, 64, 128), dtype), sd((2, 64, 131072, 128), dtype), sd((64, 1, 64), jnp.float32),
+                sd((), jnp.int32), sd((64, 1), jnp.int32), sd((2, 64, 131072), jnp.float32))
+        fn = lambda q, kc, w, layer, kl, ks: indexer_topk_decode_triton(q, kc, w, layer, kl, topk=2048, k_scale=ks,
+                                                                         **tiles)
+    assert "custom_call @mosaic_gpu" in export_for_cuda(fn, args).mlir_module()
