@@ -169,10 +169,9 @@ def indexer_decode_case(rng, impl, params):
     if impl == "triton":
         tiles = {"block_s": _pick(rng, 16, 64, 128), "topk_kernel": _pick(rng, False, True),
                  "blocks": _pick(rng, 1, 2, 5), "num_stages": _pick(rng, 1, 3)}
-        # Now and then the Mosaic GPU scores kernel, where it reads the cache in place (whole 128-byte key rows,
-        # scales of 16-byte rows) and can run (not under JAX 0.10's interpreter).
-        mosaic = (q.dtype != jnp.float32 and d * q.dtype.itemsize % 128 == 0 and (k_scale is None or s % 4 == 0)
-                  and rng.random() < 0.5)
+        # Now and then the Mosaic GPU scores kernel, where it reads the cache in place (whole 128-byte key rows, S a
+        # multiple of 8) and can run (not under JAX 0.10's interpreter).
+        mosaic = q.dtype != jnp.float32 and d * q.dtype.itemsize % 128 == 0 and s % 8 == 0 and rng.random() < 0.5
         mosaic_block = _pick(rng, 64, 128)
         if mosaic and not (mosaic_gpu.JAX_010 and _interpret(impl)):
             tiles |= {"mosaic_gpu": True, "block_s": mosaic_block}

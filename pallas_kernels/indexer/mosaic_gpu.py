@@ -24,7 +24,7 @@ load fewer key blocks.
 
 bf16/f16 and fp8 e4m3 inputs (Hopper's fp8 wgmma: both operands K-major, as here); float32 is the
 Triton kernel's. Heads are padded to a multiple of 16, D to a whole swizzle row (64 bf16, 128 fp8
-elements: no copy at V3.2's D = 128); S is not padded (TMA fills the rows past S with zeros).
+elements: no copy at V3.2's D = 128); S to whole key blocks (no copy at whole chunks of queries).
 
 Untimed: written without a GPU (2026-11-30). Checked here under Mosaic GPU's interpreter
 (`plgpu` kernels run on CPU with simulated shared memory, TMA and barriers) against the reference,
@@ -249,9 +249,8 @@ def indexer_scores_mosaic_gpu(q, k, w, k_scale, k_len, positions, *, q_offset=0,
     tp, sp, hp, dp = -(-tc // per_cta) * per_cta, -(-s // block_s) * block_s, -(-h // 16) * 16, -(-d // row) * row
     q = jnp.pad(q, ((0, 0), (0, tp - tc), (0, hp - h), (0, dp - d)))
     w = jnp.pad(w.astype(jnp.float32), ((0, 0), (0, tp - tc), (0, hp - h)))
-    # k is not padded to Sp: TMA fills the last block's rows past S with zeros (their scores are -inf). Its scales
-    # are (a TMA row must be a multiple of 16 bytes).
-    k = jnp.pad(k, ((0, 0), (0, 0), (0, dp - d)))
+    # Padded to whole blocks: the TMA's tiled view of k needs S % 8 == 0 (and its scales rows of 16-byte multiples).
+    k = jnp.pad(k, ((0, 0), (0, sp - s), (0, dp - d)))
     k_scale = jnp.pad(k_scale.astype(jnp.float32), ((0, 0), (0, sp - s)))
     # Query t sees the keys < limit[b, t]; padded queries none.
     limit = jnp.minimum(positions.astype(jnp.int32)[None, :] + q_offset + 1, k_len.astype(jnp.int32)[:, None])

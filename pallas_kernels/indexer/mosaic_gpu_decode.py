@@ -19,8 +19,8 @@ bytes at an SM's share of the bandwidth, so one consumer keeps up.
 - Grid (splits, B): splits = ceil(S / (blocks · block_s)) CTAs per sequence.
 
 bf16/f16 or fp8 e4m3 q and cache (both operands K-major, as Hopper's fp8 wgmma wants), D a whole
-128-byte swizzle row (64 bf16 or 128 fp8 elements; V3.2's 128 is both); per-key fp32 scales need
-S % 4 == 0 (TMA's 16-byte row pitch). Heads are padded to a multiple of 16.
+128-byte swizzle row (64 bf16 or 128 fp8 elements; V3.2's 128 is both), S a multiple of 8 (the TMA
+reads the cache in tiles of 8 keys; the cache is not padded). Heads are padded to a multiple of 16.
 Untimed: written without a GPU (2026-11-30); checked under Mosaic GPU's interpreter against the
 Triton kernel and lowered for CUDA (tests/pallas_kernels/test_indexer_mosaic_gpu.py).
 experiments/bench_kernels.py --parts=decode times it (configs ending in ":mgpu").
@@ -124,9 +124,9 @@ def indexer_scores_decode_mosaic_gpu(q, k_cache, w, layer, k_len, k_scale=None, 
     if d * jnp.dtype(q.dtype).itemsize % 128:
         raise ValueError(f"indexer_scores_decode_mosaic_gpu: the head dim D must fill whole 128-byte rows (the cache "
                          f"is read in place, unpadded): {d} x {jnp.dtype(q.dtype).itemsize} bytes")
-    if k_scale is not None and s % 4:
-        raise ValueError(f"indexer_scores_decode_mosaic_gpu: fp32 key scales need S % 4 == 0 (TMA reads rows of a "
-                         f"multiple of 16 bytes), got S = {s}")
+    if s % 8:
+        raise ValueError(f"indexer_scores_decode_mosaic_gpu: the cache length S must be a multiple of 8 (TMA reads the "
+                         f"unpadded cache in tiles of 8 keys), got S = {s}")
     if block_s % 64 or blocks < 1 or num_stages < 1:
         raise ValueError(f"indexer_scores_decode_mosaic_gpu: block_s must be a multiple of 64 (wgmma's M), blocks and "
                          f"num_stages >= 1; got block_s={block_s}, blocks={blocks}, num_stages={num_stages}")
