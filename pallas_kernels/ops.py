@@ -26,6 +26,9 @@ Triton kernels (as XLA's float32 dots on a GPU) and Mosaic's default contraction
 ones; IEEE float32 in both under `jax.default_matmul_precision("highest")`.
 Decode attention (`sparse_mla_decode`: the selected rows of one layer read in place from the
 stacked cache [L, B, S, D], `pallas_kernels/sparse_mla/{triton,mosaic}_decode.py`): inference only.
+Not behind these entry points yet (untimed, opt-in): the indexer scores as Mosaic GPU kernels for Hopper
+(`pallas_kernels/indexer/mosaic_gpu{,_decode}.py`: TMA, wgmma, warp-specialised), through
+`indexer_topk_triton(..., mosaic_gpu=True)` and `indexer_topk_decode_triton(..., mosaic_gpu=True)`.
 """
 
 import functools
