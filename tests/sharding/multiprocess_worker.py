@@ -44,8 +44,12 @@ def sharded_loss(mesh_spec, preset):
 
 
 if __name__ == "__main__":
-    # Before JAX's backends start (at first use, not at import): 4 CPU devices per process.
+    # Before JAX's backends start (at first use, not at import): 4 CPU devices per process, and no other platform.
+    # jax read JAX_PLATFORMS when it was imported (above), so the config is set too: with it unset, the TPU plugin
+    # (libtpu, in the test extra) starts and holds its process lockfile, which experiments/tpu_aot.py, run by another
+    # test at the same time, then cannot take.
     os.environ["JAX_PLATFORMS"] = "cpu"
+    jax.config.update("jax_platforms", "cpu")
     os.environ["XLA_FLAGS"] = fast_cpu_flags(4)
     process_id, num_processes, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     initialize(f"localhost:{port}", num_processes, process_id)
