@@ -44,8 +44,9 @@ valid keys, T=1 query, 64 heads x 128, bf16 then fp8 keys with scales, on the la
 L=2 stacked cache): each --decode_configs tile (block_s:num_warps:blocks:num_stages, blocks = key
 blocks per program, in a loop; ":mgpu": the Mosaic GPU kernel, `pallas_kernels/indexer/mosaic_gpu_decode.py`,
 blocks per CTA streamed by TMA through num_stages slots) in bf16, each checked against the reference,
-the best Triton and the best Mosaic GPU tiles in fp8, the fastest one's scores kernel alone, the best with the top-k kernel (checked equal), and in the same
-run the old path on the sliced layer (the XLA reference; the prefill kernel once per query). GB/s counts the layer's key (+ scale) bytes,
+the best Triton and the best Mosaic GPU tiles in fp8, the fastest one's scores kernel alone, the
+best with the top-k kernel (checked equal), and in the same run the old path on the sliced layer
+(the XLA reference; the prefill kernel once per query). GB/s counts the layer's key (+ scale) bytes,
 read once: the target is >= 70 % of --peak_gbs (perf_targets.md); see `_decode`.
 Decode sparse MLA attention (--parts=decode_mla: `ops.sparse_mla_decode`'s Triton
 kernel reading the selected rows from the stacked latent cache [L, B, S, 576], bf16; B=64, S=128K,
@@ -483,7 +484,8 @@ def _decode():
             return rows
         best = min(sweep, key=sweep.get)
         # fp8: the fastest Triton and the fastest Mosaic GPU tiles
-        configs = list({"mgpu" in cfg: cfg for cfg in sorted(sweep, key=sweep.get, reverse=True)}.values())
+        configs = list({decode_tiles(cfg).get("mosaic_gpu", False): cfg
+                        for cfg in sorted(sweep, key=sweep.get, reverse=True)}.values())
         rows.append(_row(f"decode scores only [{best}] {label}", s, _time(kernel_fn(best, scores_only=True), *args),
                          flops, nbytes, peak))
         fused = kernel_fn(best, topk_kernel=True)  # the top-k kernel in place of select_topk: same indices

@@ -52,6 +52,23 @@ _LOAD_IDX = inspect.signature(plgpu.load).parameters.get("idx")  # JAX 0.12 has 
 JAX_010 = _LOAD_IDX is not None and _LOAD_IDX.default is inspect.Parameter.empty
 
 
+def check_operands(caller, q, k, block_s, **counts):
+    """Raises a ValueError unless q and k are one wgmma dtype (bf16, f16, fp8 e4m3), block_s a multiple of 64
+    (wgmma's M) and each of `counts` (tile counts) at least 1."""
+    if q.dtype != k.dtype or jnp.dtype(q.dtype) not in map(jnp.dtype, (jnp.bfloat16, jnp.float16, jnp.float8_e4m3fn)):
+        raise ValueError(f"{caller}: q and the keys must both be bf16, f16 or float8_e4m3fn (wgmma operands), got "
+                         f"{q.dtype} and {k.dtype}")
+    if block_s % 64 or min(counts.values()) < 1:
+        raise ValueError(f"{caller}: block_s must be a multiple of 64 (wgmma's M) and "
+                         f"{', '.join(counts)} >= 1; got block_s={block_s}, "
+                         + ", ".join(f"{name}={value}" for name, value in counts.items()))
+
+
+def padded_heads(h):
+    """Heads padded to a multiple of 16 (wgmma's N; padded heads weigh 0)."""
+    return -(-h // 16) * 16
+
+
 def load_in_layout(ref, layout, interpreted):
     """ref's array in `layout` (a plain read under JAX 0.10's interpreter)."""
     if not JAX_010:
@@ -234,19 +251,13 @@ def indexer_scores_mosaic_gpu(q, k, w, k_scale, k_len, positions, *, q_offset=0,
     (CPU)."""
     b, tc, h, d = q.shape
     s = k.shape[1]
-    if q.dtype != k.dtype or jnp.dtype(q.dtype) not in map(jnp.dtype, (jnp.bfloat16, jnp.float16,
-                                                                        jnp.float8_e4m3fn)):
-        raise ValueError(f"indexer_scores_mosaic_gpu: q and k must both be bf16, f16 or float8_e4m3fn (wgmma "
-                         f"operands), got {q.dtype} and {k.dtype}")
-    if block_s % 64 or block_t < 1 or num_stages < 1:
-        raise ValueError(f"indexer_scores_mosaic_gpu: block_s must be a multiple of 64 (wgmma's M), block_t and "
-                         f"num_stages >= 1; got block_s={block_s}, block_t={block_t}, num_stages={num_stages}")
+    check_operands("indexer_scores_mosaic_gpu", q, k, block_s, block_t=block_t, num_stages=num_stages)
     if pingpong and num_stages < 2:
         raise ValueError("indexer_scores_mosaic_gpu: pingpong needs num_stages >= 2 (consumer 1 still holds a slot "
                          "when consumer 0 asks for the next block)")
     row = 128 // jnp.dtype(q.dtype).itemsize  # elements per swizzled row
     per_cta = _CONSUMERS * block_t
-    tp, sp, hp, dp = -(-tc // per_cta) * per_cta, -(-s // block_s) * block_s, -(-h // 16) * 16, -(-d // row) * row
+    tp, sp, hp, dp = -(-tc // per_cta) * per_cta, -(-s // block_s) * block_s, padded_heads(h), -(-d // row) * row
     q = jnp.pad(q, ((0, 0), (0, tp - tc), (0, hp - h), (0, dp - d)))
     w = jnp.pad(w.astype(jnp.float32), ((0, 0), (0, tp - tc), (0, hp - h)))
     # Padded to whole blocks: the TMA's tiled view of k needs S % 8 == 0 (and its scales rows of 16-byte multiples).

@@ -13,8 +13,9 @@ B = q[t]ᵀ; accumulator [block_s, H] float32, as `pallas_kernels/indexer/mosaic
 writes it by TMA. At V3.2's shapes a block's matmul and epilogue take far less time than its
 bytes at an SM's share of the bandwidth, so one consumer keeps up.
 - The layer is an operand (traced in the model's layer scan) and the TMA reads at (layer, b, block)
-  of the cache seen as [L·B, S, D] (a free reshape): it is never sliced, padded or copied. The last block's rows past S are out of bounds,
-  which TMA fills with zeros; their scores are -inf (k_len <= S).
+  of the cache seen as [L·B, S, D] (a free reshape): it is never sliced, padded or copied. The
+  last block's rows past S are out of bounds, which TMA fills with zeros; their scores are -inf
+  (k_len <= S).
 - A block past every query's k_len is neither loaded nor scored: -inf is written.
 - Grid (splits, B): splits = ceil(S / (blocks · block_s)) CTAs per sequence.
 
@@ -38,10 +39,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.indexer.mosaic_gpu import (
     ROW,
     block_logits,
+    check_operands,
     fill_masked,
     in_layout,
     interpret_params,
     load_in_layout,
+    padded_heads,
     produce_keys,
     query_weights,
     smem_transforms,
@@ -117,21 +120,15 @@ def indexer_scores_decode_mosaic_gpu(q, k_cache, w, layer, k_len, k_scale=None, 
     interpret: run under Mosaic GPU's interpreter (CPU)."""
     b, t, h, d = q.shape
     n_layers, _, s, _ = k_cache.shape
-    if q.dtype != k_cache.dtype or jnp.dtype(q.dtype) not in map(jnp.dtype, (jnp.bfloat16, jnp.float16,
-                                                                              jnp.float8_e4m3fn)):
-        raise ValueError(f"indexer_scores_decode_mosaic_gpu: q and k_cache must both be bf16, f16 or float8_e4m3fn "
-                         f"(wgmma operands), got {q.dtype} and {k_cache.dtype}")
+    check_operands("indexer_scores_decode_mosaic_gpu", q, k_cache, block_s, blocks=blocks, num_stages=num_stages)
     if d * jnp.dtype(q.dtype).itemsize % 128:
         raise ValueError(f"indexer_scores_decode_mosaic_gpu: the head dim D must fill whole 128-byte rows (the cache "
                          f"is read in place, unpadded): {d} x {jnp.dtype(q.dtype).itemsize} bytes")
     if s % 8:
         raise ValueError(f"indexer_scores_decode_mosaic_gpu: the cache length S must be a multiple of 8 (TMA reads the "
                          f"unpadded cache in tiles of 8 keys), got S = {s}")
-    if block_s % 64 or blocks < 1 or num_stages < 1:
-        raise ValueError(f"indexer_scores_decode_mosaic_gpu: block_s must be a multiple of 64 (wgmma's M), blocks and "
-                         f"num_stages >= 1; got block_s={block_s}, blocks={blocks}, num_stages={num_stages}")
     num_blocks = -(-s // block_s)
-    splits, hp = -(-num_blocks // blocks), -(-h // 16) * 16
+    splits, hp = -(-num_blocks // blocks), padded_heads(h)
     q = jnp.pad(q, ((0, 0), (0, 0), (0, hp - h), (0, 0)))
     w = jnp.pad(w.astype(jnp.float32), ((0, 0), (0, 0), (0, hp - h)))
     k_len = jnp.clip(jnp.asarray(k_len, jnp.int32), 0, s)

@@ -78,8 +78,9 @@ def test_bench_kernels_times_the_mosaic_gpu_indexer(tmp_path):
                           "--decode_configs=64:8:2:2:mgpu,64:4:1:1")
     names = [r["kernel"] for r in result["rows"]]
     for prefix in ("indexer_topk pallas mosaic-gpu [2:64:12:2:mgpu]", "indexer_topk pallas key-loop [4:16:4:1:loop]",
-                   "indexer_topk pallas fp8 mosaic-gpu [2:64:12:2:mgpu]", "decode indexer pallas [64:8:2:2:mgpu] B2 T1 bf16",
-                   "decode indexer pallas [64:8:2:2:mgpu] B2 T1 fp8", "decode indexer pallas [64:4:1:1] B2 T1 fp8"):
+                   "indexer_topk pallas fp8 mosaic-gpu [2:64:12:2:mgpu]",
+                   "decode indexer pallas [64:8:2:2:mgpu] B2 T1 bf16", "decode indexer pallas [64:8:2:2:mgpu] B2 T1 fp8",
+                   "decode indexer pallas [64:4:1:1] B2 T1 fp8"):
         assert any(n.startswith(prefix) for n in names), (prefix, names)
     # 3 prefill configs; decode: 2 configs in bf16, the best of each kernel in fp8
     agreements = [line for line in stdout.splitlines() if "agreement with the reference's index sets" in line]
