@@ -99,9 +99,12 @@ _ROPE_DIM = flags.DEFINE_integer("rope_dim", 64, "RoPE dim (Dqk = v_dim + rope_d
 # The four fastest of a 15-config sweep on an H200 (16:32 .. 64:128 tiles, 4/8 warps, 1-3 stages). On 2026-11-29
 # (jax 0.11.2, T=16K) 32:64:4:2 233 TFLOP/s, 64:64:8:3 221; the tiles triton_static shows on wgmma without spills
 # were slower: 64:16:8:2 107, 64:16:8:3 104, value split 64:32:8:2:v2 87, 64:16:8:3:v2 54.
-_CONFIGS = flags.DEFINE_list("configs", ["32:64:4:2", "64:64:8:3", "32:64:4:3", "64:64:8:2"],
-                             "block_h:block_k:num_warps:num_stages[:vN] (:vN = v_split=N: N programs per head "
-                             "block, each accumulating 1/N of the value columns), ...")
+# ":all" walks every index block (a static trip count), the form timed before 2026-11-30: against the default,
+# which stops at each query's last used slot (the first 2048 queries hold fewer rows).
+_CONFIGS = flags.DEFINE_list("configs", ["32:64:4:2", "32:64:4:2:all", "64:64:8:3", "32:64:4:3", "64:64:8:2"],
+                             "block_h:block_k:num_warps:num_stages[:vN][:all] (:vN = v_split=N: N programs per "
+                             "head block, each accumulating 1/N of the value columns; :all = walk_all: every "
+                             "index block, not only those up to the last used slot), ...")
 _SWEEP_LEN = flags.DEFINE_integer("sweep_len", 16384, "length at which tile configs are compared")
 _CHECK_LEN = flags.DEFINE_integer("check_len", 1024, "length at which the prefill kernels are checked against the "
                                   "reference on the device")
@@ -161,9 +164,12 @@ _DECODE_CONFIGS = flags.DEFINE_list("decode_configs", ["128:4:1:1", "128:4:8:3",
                                     "blocks per program or CTA, in a loop; :mgpu = the Mosaic GPU kernel, num_warps "
                                     "8: its 2 warpgroups), ...")
 # On an H200 (2026-11-29) 32:64:4:1 took 0.37 ms, 64:32:8:1 0.44, 32:64:4:2 0.44, 32:64:8:1 0.47. triton_static:
-# 16:64:4:1 does not spill and keeps 2 programs per SM, as 32:64:4:1 does (32 B spilled).
-_DECODE_MLA_CONFIGS = flags.DEFINE_list("decode_mla_configs", ["32:64:4:1", "16:64:4:1", "64:32:8:1", "32:64:4:2"],
-                                        "decode sparse MLA tiles block_h:block_k:num_warps:num_splits, ...")
+# 16:64:4:1 does not spill and keeps 2 programs per SM, as 32:64:4:1 does (32 B spilled; 232 B with ":used", whose
+# data-dependent trip count costs here, every slot used, what it saves sequences shorter than K keys).
+_DECODE_MLA_CONFIGS = flags.DEFINE_list("decode_mla_configs", ["32:64:4:1", "32:64:4:1:used", "16:64:4:1",
+                                                              "64:32:8:1", "32:64:4:2"],
+                                        "decode sparse MLA tiles block_h:block_k:num_warps:num_splits[:used] (:used = "
+                                        "walk_all=False: only the index blocks up to the last used slot), ...")
 
 
 def _time(fn, *args):
@@ -233,12 +239,12 @@ def _tiles(cfg, flag, names, suffix=None, variant=None):
 
 
 def fwd_tiles(cfg):
-    """sparse_mla_fwd's keywords of a --configs entry (":vN": v_split=N programs per head block)."""
-    base, _, split = cfg.partition(":v")
+    """sparse_mla_fwd's keywords of a --configs entry (":vN": v_split=N programs per head block; ":all": walk_all)."""
+    base, _, split = cfg.removesuffix(":all").partition(":v")
     if split and not split.isdigit():
-        raise ValueError(f"--configs entry {cfg!r}: want block_h:block_k:num_warps:num_stages[:vN]")
+        raise ValueError(f"--configs entry {cfg!r}: want block_h:block_k:num_warps:num_stages[:vN][:all]")
     return _tiles(base, "configs", ("block_h", "block_k", "num_warps", "num_stages")) | (
-        {"v_split": int(split)} if split else {})
+        {"v_split": int(split)} if split else {}) | ({"walk_all": True} if cfg.endswith(":all") else {})
 
 
 def bwd_tiles(cfg):
@@ -284,8 +290,9 @@ def decode_tiles(cfg):
 
 
 def decode_mla_tiles(cfg):
-    """sparse_mla_decode_triton's keywords of a --decode_mla_configs entry."""
-    return _tiles(cfg, "decode_mla_configs", ("block_h", "block_k", "num_warps", "num_splits"))
+    """sparse_mla_decode_triton's keywords of a --decode_mla_configs entry (":used": walk_all=False)."""
+    tiles = _tiles(cfg, "decode_mla_configs", ("block_h", "block_k", "num_warps", "num_splits"), "used", "walk_all")
+    return tiles | {"walk_all": not tiles["walk_all"]}
 
 
 def _index_label(cfg):

@@ -189,9 +189,11 @@ def indexer_decode_case(rng, impl, params):
     assert_same_keys(got, want, np.asarray(scores), np.minimum(np.asarray(k_len), s))
 
 
-def _attention_inputs(rng, shape_q, shape_kv, indices_shape, s, unique=False):
+def _attention_inputs(rng, shape_q, shape_kv, indices_shape, s, unique=False, trailing=False):
     """(q, kv, indices): normal q, kv in a random float dtype; indices in [0, s) with ~20 % -1, rows repeating
-    within a query unless unique (then each query's rows are distinct, -1 past the s rows there are)."""
+    within a query unless unique (then each query's rows are distinct, -1 past the s rows there are); trailing:
+    each query's slots past a random count (0 to K) are -1 too, as the indexer's are past its keys (the kernels
+    walk no block past a query's last used slot)."""
     dtype = _pick(rng, jnp.float32, jnp.bfloat16)
     q, kv = (jnp.asarray(rng.normal(size=shape), dtype) for shape in (shape_q, shape_kv))
     if unique:
@@ -200,7 +202,10 @@ def _attention_inputs(rng, shape_q, shape_kv, indices_shape, s, unique=False):
                         for _ in range(math.prod(indices_shape[:-1]))]).reshape(indices_shape)
     else:
         idx = rng.integers(0, s, size=indices_shape)
-    return q, kv, jnp.asarray(np.where(rng.random(size=idx.shape) < 0.2, -1, idx), jnp.int32)
+    unused = rng.random(size=idx.shape) < 0.2
+    if trailing:
+        unused |= np.arange(idx.shape[-1]) >= rng.integers(0, idx.shape[-1] + 1, size=idx.shape[:-1] + (1,))
+    return q, kv, jnp.asarray(np.where(unused, -1, idx), jnp.int32)
 
 
 def _tolerances(dtype):
@@ -213,19 +218,21 @@ def sparse_mla_case(rng, impl, params):
     h, v, r = _pick(rng, 1, 3, 16, 33), _pick(rng, 16, 32, 40, 64), _pick(rng, 8, 16, 24)
     k = _pick(rng, 1, 20, 64, 129, 300)
     # Now and then distinct rows per query, which the Mosaic backward may then take as they are (the model's form).
-    unique = rng.random() < 0.3
-    q, kv, idx = _attention_inputs(rng, (b, t, h, v + r), (b, s, v + r), (b, t, k), s, unique=unique)
+    unique, trailing = rng.random() < 0.3, rng.random() < 0.3
+    q, kv, idx = _attention_inputs(rng, (b, t, h, v + r), (b, s, v + r), (b, t, k), s, unique=unique,
+                                   trailing=trailing)
     scale = 0.15
     if impl == "triton":
         tiles = {"block_h": _pick(rng, 16, 32), "block_k": _pick(rng, 16, 32), "head_major": _pick(rng, False, True)}
-        fwd_tiles = tiles | {"v_split": _pick(rng, 1, 2) if v > 16 else 1}
+        fwd_tiles = tiles | {"v_split": _pick(rng, 1, 2) if v > 16 else 1, "walk_all": _pick(rng, False, True)}
         bwd_tiles = tiles | {"split_dkv": _pick(rng, False, True)}
         kernels = mla_triton
     else:
         fwd_tiles = {"block_k": _pick(rng, 128, 256)}
         bwd_tiles = fwd_tiles | {"unique_indices": unique}
         kernels = mla_mosaic
-    params.update(b=b, t=t, s=s, h=h, v=v, r=r, k=k, dtype=q.dtype.name, forward=fwd_tiles, backward=bwd_tiles)
+    params.update(b=b, t=t, s=s, h=h, v=v, r=r, k=k, trailing=trailing, dtype=q.dtype.name, forward=fwd_tiles,
+                  backward=bwd_tiles)
     out, lse = _run_kernel(impl, kernels.sparse_mla_fwd, q, kv, idx, scale=scale, v_dim=v, **fwd_tiles)
     d_out = jnp.asarray(rng.normal(size=out.shape), q.dtype)
     dq, dkv = _run_kernel(impl, kernels.sparse_mla_bwd, q, kv, idx, out, lse, d_out, scale=scale, v_dim=v, **bwd_tiles)
@@ -242,15 +249,19 @@ def sparse_mla_decode_case(rng, impl, params):
     h, v, r, k = _pick(rng, 1, 5, 16, 64), _pick(rng, 16, 32, 64), _pick(rng, 8, 16), _pick(rng, 1, 23, 64, 200)
     if impl == "mosaic":
         s += s % 2  # a bf16 cache is DMA'd in row pairs: the Mosaic kernel takes an even S (checked in its tests)
-    q, kv_cache, idx = _attention_inputs(rng, (b, t, h, v + r), (layers, b, s, v + r), (b, t, k), s)
+    trailing = rng.random() < 0.3
+    q, kv_cache, idx = _attention_inputs(rng, (b, t, h, v + r), (layers, b, s, v + r), (b, t, k), s,
+                                         trailing=trailing)
     layer = int(rng.integers(layers))
     if impl == "triton":
-        tiles = {"block_h": _pick(rng, 16, 64), "block_k": _pick(rng, 16, 32), "num_splits": _pick(rng, 1, 2, 3)}
+        tiles = {"block_h": _pick(rng, 16, 64), "block_k": _pick(rng, 16, 32), "num_splits": _pick(rng, 1, 2, 3),
+                 "walk_all": _pick(rng, False, True)}
         kernel = sparse_mla_decode_triton
     else:
         tiles = {"block_k": 128}
         kernel = sparse_mla_decode_mosaic
-    params.update(layers=layers, b=b, t=t, s=s, h=h, v=v, r=r, k=k, layer=layer, dtype=q.dtype.name, **tiles)
+    params.update(layers=layers, b=b, t=t, s=s, h=h, v=v, r=r, k=k, trailing=trailing, layer=layer,
+                  dtype=q.dtype.name, **tiles)
     got = _run_kernel(impl, kernel, q, kv_cache, layer, idx, scale=0.15, v_dim=v, **tiles)
     want = sparse_mla_decode_reference(q.astype(jnp.float32), kv_cache.astype(jnp.float32), layer, idx, scale=0.15,
                                        v_dim=v)

@@ -84,8 +84,9 @@ def implementation(impl: str = "auto") -> str:
 
 
 def _empty(batch_and_queries, num_keys):
-    """No batch row, query or key: the result is known (every slot -1, or zero attention) and nothing runs; the
-    kernels' grids and the references' chunking assume at least one of each."""
+    """No batch row, query or key (or, for attention, no selected slot: K = 0): the result is known (every slot -1,
+    or zero attention) and nothing runs; the kernels' grids and the references' chunking assume at least one of
+    each."""
     return 0 in (*batch_and_queries, num_keys)
 
 
@@ -220,7 +221,7 @@ def sparse_mla(q, kv, indices, *, scale, v_dim=512, impl="auto", interpret=False
         raise ValueError(f"sparse_mla: shapes disagree: q {q.shape}, kv {kv.shape}, indices {indices.shape}, v_dim {v_dim}")
     if not jnp.issubdtype(indices.dtype, jnp.integer):
         raise ValueError(f"sparse_mla: indices: expected an integer dtype, got {indices.dtype}")
-    if _empty(q.shape[:2], kv.shape[1]):
+    if _empty(q.shape[:2] + indices.shape[-1:], kv.shape[1]):
         return jnp.zeros(q.shape[:3] + (v_dim,), q.dtype)
     indices = _in_range(indices, kv.shape[1])
     if kernel is not None:
@@ -290,7 +291,7 @@ def sparse_mla_decode(q, kv_cache, layer, indices, *, scale, v_dim=512, impl="au
         raise ValueError(f"sparse_mla_decode: layer: expected a scalar, got shape {jnp.shape(layer)}")
     if isinstance(layer, (int, np.integer)) and not 0 <= layer < kv_cache.shape[0]:
         raise ValueError(f"sparse_mla_decode: layer: expected 0 <= layer < {kv_cache.shape[0]}, got {layer}")
-    if _empty(q.shape[:2], kv_cache.shape[2]):
+    if _empty(q.shape[:2] + indices.shape[-1:], kv_cache.shape[2]):
         return jnp.zeros(q.shape[:3] + (v_dim,), q.dtype)
     layer, indices = jnp.asarray(layer, jnp.int32), _in_range(indices, kv_cache.shape[2])
     if kernel is not None:

@@ -198,6 +198,17 @@ def test_ops_take_no_query_or_no_key(t, s, impl):
     assert out.shape == (2, t, 2, 32) and not out.any()
 
 
+@pytest.mark.parametrize("impl", ["reference", "triton", "mosaic"])
+def test_attention_over_no_selected_slot(impl):
+    """K = 0 (no slot) is zero attention with zero gradients in every implementation (each failed its own way)."""
+    q, kv, idx = jnp.ones((2, 3, 2, 48)), jnp.ones((2, 5, 48)), jnp.zeros((2, 3, 0), jnp.int32)
+    loss = lambda q_, kv_: jnp.sum(ops.sparse_mla(q_, kv_, idx, scale=0.1, v_dim=32, impl=impl, interpret=True))
+    value, (dq, dkv) = jax.value_and_grad(loss, argnums=(0, 1))(q, kv)
+    assert value == 0 and not dq.any() and not dkv.any() and dkv.shape == kv.shape
+    out = ops.sparse_mla_decode(q, kv[None], 0, idx, scale=0.1, v_dim=32, impl=impl, interpret=True)
+    assert out.shape == (2, 3, 2, 32) and not out.any()
+
+
 def test_ops_reject_bad_input():
     q, k, w = (jnp.zeros(s) for s in ((1, 4, 2, 8), (1, 4, 8), (1, 4, 2)))
     with pytest.raises(ValueError, match="impl"):

@@ -9,7 +9,10 @@ KV stays in HBM (`memory_space=pl.ANY`) and the kernel DMA-gathers the selected 
 per DMA, into a double-buffered VMEM block of `block_k` rows: block j+1 is in flight while
 block j is scored. Online softmax in float32 over the blocks; the output and the log-sum-exp
 are written at the end. Unused slots (-1) issue no DMA and are masked to -inf; the gather
-buffers are zeroed first, so a skipped row holds zeros or a stale real row, never NaN.
+buffers are zeroed first, so a skipped row holds zeros or a stale real row, never NaN. The walk
+ends at the query's last used index block (`blocks.py`, counted from the VMEM copy of the
+indices), in the backward and the decode kernel too: trailing blocks of -1 cost neither row
+DMAs nor matmuls.
 
 Backward. Same grid and walk, recomputing P from the saved log-sum-exp. dq is accumulated per
 query in VMEM. dkv is a float32 [B, S, Dqk] array in HBM, aliased from a zeros input, updated
@@ -66,6 +69,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.sparse_mla.blocks import walked_blocks
 
 _HIGH_HALF = -65536  # int32 0xFFFF0000: keeps a word's high bf16 as the top bits of a float32
 
@@ -146,6 +151,13 @@ def _slot_block(vmem, j, block_k):
     return vmem[:, pl.ds(pl.multiple_of(j * block_k, block_k), block_k)]
 
 
+def _walk(used, block_k, total):
+    """Index blocks a program walks: up to the last True of used [1, N] (`blocks.py`), or its only block (total 1) as
+    a static trip count, whose mask slice then starts at the static lane 0 (K <= block_k slots need not be a multiple
+    of 128; at a traced block index Mosaic cannot prove the start aligned and refuses it)."""
+    return total if total == 1 else walked_blocks(used, block_k)
+
+
 def _pipelined(copies, num_blocks, step, init):
     """carry = step(j, slot, carry) for the gathered blocks j = 0 .. num_blocks - 1, double-buffered:
     copies(j, slot, "start" | "wait") moves block j into buffer slot; block j + 1 is in flight while j is used."""
@@ -209,7 +221,8 @@ def _fwd_kernel(idx_smem, idx_vmem, q_ref, kv_hbm, o_ref, lse_ref, kv_buf, kv_se
         used = _slot_block(idx_vmem, j, block_k) >= 0
         return _attend_block(q_parts, (kn1, kn2, kr), (kn1, kn2), used, carry, acc_ref, scale)
 
-    m, l = _pipelined(copies, idx_vmem.shape[-1] // block_k, step, _softmax_init(q.shape[0]))
+    num_blocks = _walk(idx_vmem[...] >= 0, block_k, idx_vmem.shape[-1] // block_k)
+    m, l = _pipelined(copies, num_blocks, step, _softmax_init(q.shape[0]))
     out, lse = _finish(acc_ref, m, l)
     o_ref[...] = out.astype(o_ref.dtype)
     lse_ref[...] = lse
@@ -242,9 +255,11 @@ def _layout(kv, indices, v_dim, block_k):
 
 def _distinct_rows(indices):
     """(rows int32, weights float32) [B, T, K]: each query's selected rows once (ascending, -1 in the other
-    slots), weighted by how many of its slots select the row (0 in the other slots)."""
+    slots), weighted by how many of its slots select the row (0 in the other slots). Sorted as unsigned, so
+    the unused slots (-1) come last and the kernel's walk ends at the last row (`blocks.py`)."""
     k = indices.shape[-1]
-    rows = jnp.sort(indices.astype(jnp.int32), axis=-1)
+    bits = jax.lax.bitcast_convert_type
+    rows = bits(jnp.sort(bits(indices.astype(jnp.int32), jnp.uint32), axis=-1), jnp.int32)
     pos = jnp.arange(k, dtype=jnp.int32)
     first = jnp.concatenate([jnp.ones_like(rows[..., :1], bool), rows[..., 1:] != rows[..., :-1]], axis=-1)
     # A run of equal indices ends where the next begins: the least run start after each slot.
@@ -290,7 +305,7 @@ def sparse_mla_fwd(q, kv, indices, *, scale, v_dim, block_k=128, interpret=False
 def _bwd_kernel(idx_smem, weight_vmem, q_ref, do_ref, lse_ref, delta_ref, kv_hbm, _dkv_in, dq_ref, dkv_hbm,
                 kv_buf, g_buf, kv_sem, g_in_sem, g_out_sem, dq_acc, *, scale, v_dim, block_k):
     half = v_dim // 2
-    num_blocks = weight_vmem.shape[-1] // block_k
+    num_blocks = _walk(weight_vmem[...] > 0, block_k, weight_vmem.shape[-1] // block_k)
     kv_rows, dkv_rows = kv_hbm.at[pl.program_id(0)], dkv_hbm.at[pl.program_id(0)]
 
     def kv_copies(j, slot, method):
@@ -349,8 +364,14 @@ def _bwd_kernel(idx_smem, weight_vmem, q_ref, do_ref, lse_ref, delta_ref, kv_hbm
         return carry
 
     jax.lax.fori_loop(0, num_blocks, body, 0)
-    for j in range(max(0, num_blocks - 2), num_blocks):  # the write-backs not yet waited for
-        g_out(j, "wait")
+    for back in (2, 1):  # the write-backs not yet waited for: blocks num_blocks - 2 and num_blocks - 1
+        last = num_blocks - back
+        if isinstance(last, int):  # a static walk
+            if last >= 0:
+                g_out(last, "wait")
+        else:
+            pl.when(last >= 0)(functools.partial(g_out, last, "wait"))
+
     dq_ref[...] = dq_acc[...].astype(dq_ref.dtype)
 
 

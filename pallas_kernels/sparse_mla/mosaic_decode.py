@@ -58,6 +58,7 @@ from pallas_kernels.sparse_mla.mosaic import (
     _row_copies,
     _slot_block,
     _softmax_init,
+    _walk,
     high_bf16,
     low_bf16,
 )
@@ -84,7 +85,9 @@ def _decode_kernel(layer_ref, starts_smem, slots_vmem, q_ref, kv_hbm, o_ref, kv_
                                   acc_ref, scale)
         return carry
 
-    m, l = _pipelined(copies, starts_smem.shape[-1] // block_k, step, _softmax_init(q.shape[0]))
+    # Up to the block of the last used slot (`blocks.py`): mask blocks G·j .. G·j + G - 1 are block j's.
+    num_blocks = _walk(slots_vmem[...] >= 0, group * block_k, starts_smem.shape[-1] // block_k)
+    m, l = _pipelined(copies, num_blocks, step, _softmax_init(q.shape[0]))
     o_ref[...] = _finish(acc_ref, m, l)[0].astype(o_ref.dtype)
 
 

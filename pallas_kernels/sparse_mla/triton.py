@@ -4,7 +4,8 @@ One program per (query token, block of heads). It walks the query's selected row
 of `block_k`: gathers their latent [c_kv] and RoPE [k_rope] parts straight from HBM by index
 (the rows are shared by every head, so a head block amortises each gather), scores
 q_nope·c_kv + q_rope·k_rope, and keeps an online softmax with a float32 accumulator. It writes
-the output and the log-sum-exp. Unused slots (-1) are skipped by masking.
+the output and the log-sum-exp. Unused slots (-1) are skipped by masking, and the walk ends at
+the query's last used index block (`blocks.py`): trailing blocks of -1 cost nothing.
 
 The backward kernel has the same grid and walk: it recomputes p from the saved log-sum-exp,
 forms dS = P ⊙ (dO·Vᵀ − Δ) (Δ = rowsum(dO ⊙ O), precomputed), writes dq for its heads, and
@@ -58,8 +59,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.sparse_mla.blocks import walked_blocks
 from pallas_kernels.tiles import next_pow2
-from pallas_kernels.triton_lowering import exact_interpreted_atomic_adds, relax_atomic_adds
+from pallas_kernels.triton_lowering import (
+    exact_interpreted_atomic_adds,
+    relax_atomic_adds,
+)
 
 
 def _index_block(idx_ref, i, block_k):
@@ -107,15 +112,17 @@ def normalize(m, l, acc):
 
 
 def _kernel(idx_ref, qn_ref, qr_ref, kvn_ref, kvr_ref, o_ref, lse_ref, *, scale, block_k, num_k_blocks, v_split,
-            head_axis):
+            head_axis, walk_all):
     gather = lambda rows, used: (kvn_ref[rows, :], kvr_ref[rows, :])
     values, value_dim = None, None
     if v_split > 1:  # this program accumulates only its share of the value columns (it still scores all of q·k)
         value_dim = o_ref.shape[-1]
         cols = (pl.program_id(head_axis) % v_split) * value_dim + jnp.arange(value_dim, dtype=jnp.int32)
         values = lambda rows: kvn_ref[rows[:, None], cols[None, :]]
+    # The blocks up to the query's last used slot (`blocks.py`), or (walk_all) all of them, a static trip count.
+    num_blocks = num_k_blocks if walk_all else walked_blocks(idx_ref[...] >= 0, block_k)
     out, lse = normalize(*attend_blocks(idx_ref, qn_ref[...], qr_ref[...], gather, scale=scale, block_k=block_k,
-                                        first_block=0, num_blocks=num_k_blocks, values=values, value_dim=value_dim))
+                                        first_block=0, num_blocks=num_blocks, values=values, value_dim=value_dim))
     o_ref[...] = out.astype(o_ref.dtype)
     lse_ref[...] = lse  # (with v_split, each of a head block's programs writes the same lse)
 
@@ -128,7 +135,10 @@ def _layout(q, kv, indices, v_dim, block_h, block_k):
     vp, rp = next_pow2(v_dim), next_pow2(r)
     block_h = min(block_h, next_pow2(h))
     hp = -(-h // block_h) * block_h
-    kp = -(-k // block_k) * block_k
+    k_blocks = -(-k // block_k)
+    # The row holds whole blocks, and a power of two of slots: a program loads all of it to count its walk
+    # (`blocks.walked_blocks`), and the Triton lowering's arrays are powers of two. Blocks past K are -1 (not walked).
+    kp = next_pow2(k_blocks * block_k)
 
     def split(x):  # [..., D] -> latent [..., Vp], rope [..., Rp]
         pad = [(0, 0)] * (x.ndim - 1)
@@ -138,7 +148,7 @@ def _layout(q, kv, indices, v_dim, block_h, block_k):
     kvn, kvr = split(kv)
     rows = jnp.where(indices >= 0, indices + (jnp.arange(b, dtype=jnp.int32) * s)[:, None, None], -1)
     rows = jnp.pad(rows.reshape(b * t, k), ((0, 0), (0, kp - k)), constant_values=-1).astype(jnp.int32)
-    dims = dict(b=b, t=t, h=h, s=s, vp=vp, rp=rp, hp=hp, kp=kp, block_h=block_h)
+    dims = dict(b=b, t=t, h=h, s=s, vp=vp, rp=rp, hp=hp, kp=kp, k_blocks=k_blocks, block_h=block_h)
     return (qn.reshape(b * t, hp, vp), qr.reshape(b * t, hp, rp), kvn.reshape(b * s, vp), kvr.reshape(b * s, rp),
             rows, dims)
 
@@ -169,22 +179,28 @@ def _grid(dims, head_major, *spec_lists, v_split=1):
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "v_dim", "block_h", "block_k", "num_warps", "num_stages",
-                                             "head_major", "v_split", "interpret"))
+                                             "head_major", "v_split", "walk_all", "interpret"))
 def sparse_mla_fwd(q, kv, indices, *, scale, v_dim, block_h=32, block_k=64, num_warps=4, num_stages=2,
-                   head_major=True, v_split=1, interpret=False):
+                   head_major=True, v_split=1, walk_all=False, interpret=False):
     """q [B,T,H,D], kv [B,S,D], indices [B,T,K] -> (out [B,T,H,v_dim] in q's dtype, lse [B,T,H] f32).
 
     head_major: the launch order of the (query, head block) programs (`_grid`).
     v_split: programs per (query, head block), each accumulating 1/v_split of the value columns and
     all computing the scores (module docstring).
+    walk_all: walk every index block, a static trip count, not only those up to the query's last
+    used slot (same output): the form timed before 2026-11-30, kept as bench_kernels' same-run
+    baseline (":all"). Compiled offline (experiments/triton_static.py, 2026-11-30), the default
+    tile spills 188 B with the data-dependent trip count (23 spill accesses in the loop) against
+    200 B (29) with the static one. The backward kernels always stop at the last used slot
+    (fused 32:32:8:2: 296 B of spills, 23 in the loop, against 248 B and 22 before).
     """
     qn, qr, kvn, kvr, rows, dims = _layout(q, kv, indices, v_dim, block_h, block_k)
-    b, t, h, hp, vp, kp, block_h = (dims[n] for n in ("b", "t", "h", "hp", "vp", "kp", "block_h"))
+    b, t, h, hp, vp, block_h = (dims[n] for n in ("b", "t", "h", "hp", "vp", "block_h"))
     if v_split < 1 or vp % v_split or vp // v_split < 16:
         raise ValueError(f"sparse_mla_fwd: v_split must divide the padded value dim {vp} into parts of >= 16, "
                          f"got {v_split}")
-    kernel = functools.partial(_kernel, scale=scale, block_k=block_k, num_k_blocks=kp // block_k, v_split=v_split,
-                               head_axis=0 if head_major else 1)
+    kernel = functools.partial(_kernel, scale=scale, block_k=block_k, num_k_blocks=dims["k_blocks"], v_split=v_split,
+                               head_axis=0 if head_major else 1, walk_all=walk_all)
     vw = vp // v_split
     grid, (in_specs, out_specs) = _grid(dims, head_major, _specs(dims, (vp, dims["rp"]), (vp, dims["rp"]), v_split),
                                         [pl.BlockSpec((None, block_h, vw), lambda i, j: (i, j // v_split, j % v_split)),
@@ -232,7 +248,7 @@ def _add_rows(dkvn_ref, dkvr_ref, idx, used, dkn, dkr):
 
 
 def _bwd_kernel(idx_ref, qn_ref, qr_ref, do_ref, lse_ref, delta_ref, kvn_ref, kvr_ref, *refs, scale, block_k,
-                num_k_blocks, with_dkv):
+                with_dkv):
     """Grid (query, head block): dq of the block's heads and, with_dkv, their share of each row's dkv."""
     if with_dkv:
         _, _, dqn_ref, dqr_ref, dkvn_ref, dkvr_ref = refs  # the first two alias the dkv outputs
@@ -254,13 +270,13 @@ def _bwd_kernel(idx_ref, qn_ref, qr_ref, do_ref, lse_ref, delta_ref, kvn_ref, kv
                 dqr + jnp.dot(ds, kr, preferred_element_type=jnp.float32))
 
     init = (jnp.zeros(qn.shape, jnp.float32), jnp.zeros(qr.shape, jnp.float32))
-    dqn, dqr = jax.lax.fori_loop(0, num_k_blocks, body, init)
+    dqn, dqr = jax.lax.fori_loop(0, walked_blocks(idx_ref[...] >= 0, block_k), body, init)
     dqn_ref[...] = dqn.astype(dqn_ref.dtype)
     dqr_ref[...] = dqr.astype(dqr_ref.dtype)
 
 
 def _bwd_dkv_kernel(idx_ref, qn_ref, qr_ref, do_ref, lse_ref, delta_ref, kvn_ref, kvr_ref, _dkvn_in, _dkvr_in,
-                    dkvn_ref, dkvr_ref, *, scale, block_h, block_k, num_k_blocks):
+                    dkvn_ref, dkvr_ref, *, scale, block_h, block_k):
     """Grid (query,): each block of rows' dkv summed over all heads, block_h at a time, then one atomic add."""
     heads = qn_ref.shape[0]
 
@@ -280,7 +296,7 @@ def _bwd_dkv_kernel(idx_ref, qn_ref, qr_ref, do_ref, lse_ref, delta_ref, kvn_ref
         _add_rows(dkvn_ref, dkvr_ref, idx, used, *jax.lax.fori_loop(0, heads // block_h, head_block, init))
         return carry
 
-    jax.lax.fori_loop(0, num_k_blocks, body, 0)
+    jax.lax.fori_loop(0, walked_blocks(idx_ref[...] >= 0, block_k), body, 0)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "v_dim", "block_h", "block_k", "num_warps", "num_stages",
@@ -322,8 +338,7 @@ def sparse_mla_bwd(q, kv, indices, out, lse, d_out, *, scale, v_dim, block_h=32,
     in_specs = _specs(dims, (vp, rp, vp), (vp, rp))
     in_specs = in_specs[:4] + [head_vec, head_vec] + in_specs[4:]
     dq_specs = _specs(dims, (vp, rp), ())[1:]
-    dq_kernel = functools.partial(_bwd_kernel, scale=scale, block_k=block_k, num_k_blocks=kp // block_k,
-                                  with_dkv=not split_dkv)
+    dq_kernel = functools.partial(_bwd_kernel, scale=scale, block_k=block_k, with_dkv=not split_dkv)
     if split_dkv:
         grid, (in_specs, dq_specs) = _grid(dims, head_major, in_specs, dq_specs)
         dqn, dqr = pl.pallas_call(dq_kernel, grid=grid, in_specs=in_specs, out_specs=dq_specs, out_shape=dq_shapes,
@@ -331,8 +346,7 @@ def sparse_mla_bwd(q, kv, indices, out, lse, d_out, *, scale, v_dim, block_h=32,
         per_query = lambda *shape: pl.BlockSpec((None, *shape), lambda i: (i,) + (0,) * len(shape))
         whole = [pl.BlockSpec((b * s + n, w), lambda i: (0, 0)) for n in (0, 1) for w in (vp, rp)]
         dkvn, dkvr = pl.pallas_call(
-            functools.partial(_bwd_dkv_kernel, scale=scale, block_h=block_h, block_k=block_k,
-                              num_k_blocks=kp // block_k),
+            functools.partial(_bwd_dkv_kernel, scale=scale, block_h=block_h, block_k=block_k),
             grid=(b * t,),
             in_specs=[per_query(kp), per_query(hp, vp), per_query(hp, rp), per_query(hp, vp), per_query(hp),
                       per_query(hp)] + whole,

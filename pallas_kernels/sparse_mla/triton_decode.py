@@ -16,7 +16,9 @@ Why it reads the cache itself:
 - The row's latent [:V] and RoPE [V:] parts are two loads of power-of-two widths (Triton's tile
   rule), masked past V and D when those are not powers of two (tiny test configs; at V3.2, 512 and
   64, no column mask). q and the output are read and written by pointer in the same way, so no
-  padded copy of q, of the cache or of the output is made. Unused slots (-1) load nothing.
+  padded copy of q, of the cache or of the output is made. Unused slots (-1) load nothing. By
+  default a program walks all its split's index blocks; walk_all=False stops at the query's last
+  used slot (`blocks.py`: a sequence shorter than K keys), untimed (below).
 - num_splits > 1 splits each query's K rows over that many programs (split-K), each writing a
   float32 partial output and its log-sum-exp; XLA combines the [B, T, splits, H, V] partials
   (`combine_splits`). For when B·T·H/block_h programs are too few to fill the GPU's SMs (132 on
@@ -48,12 +50,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.sparse_mla.blocks import walked_blocks
 from pallas_kernels.sparse_mla.triton import attend_blocks, normalize
 from pallas_kernels.tiles import next_pow2
 
 
 def _decode_kernel(layer_ref, idx_ref, q_ref, kv_ref, o_ref, lse_ref, *, scale, v_dim, queries, block_h, block_k,
-                   blocks_per_split):
+                   blocks_per_split, walk_all):
     heads_total, d = q_ref.shape[1], q_ref.shape[2]
     i, split = pl.program_id(0), pl.program_id(2)
     b, layer = i // queries, layer_ref[0]
@@ -82,8 +85,12 @@ def _decode_kernel(layer_ref, idx_ref, q_ref, kv_ref, o_ref, lse_ref, *, scale, 
         return (load(kv_ref.at[layer, b, rows, cols_n[None, :]], mask(used, mask_n)),
                 load(kv_ref.at[layer, b, rows, cols_r[None, :]], mask(used, mask_r)))
 
-    out, lse = normalize(*attend_blocks(idx_ref, qn, qr, gather, scale=scale, block_k=block_k,
-                                        first_block=split * blocks_per_split, num_blocks=blocks_per_split))
+    # This split's blocks up to the query's last used slot (`blocks.py`), or (walk_all) all of them.
+    first = split * blocks_per_split
+    num_blocks = (blocks_per_split if walk_all
+                  else jnp.clip(walked_blocks(idx_ref[...] >= 0, block_k) - first, 0, blocks_per_split))
+    out, lse = normalize(*attend_blocks(idx_ref, qn, qr, gather, scale=scale, block_k=block_k, first_block=first,
+                                        num_blocks=num_blocks))
     plgpu.store(o_ref.at[i, split, q_rows, cols_n[None, :]], out.astype(o_ref.dtype), mask=mask(head_mask, mask_n))
     plgpu.store(lse_ref.at[i, split, heads], lse, mask=head_mask)
 
@@ -102,9 +109,18 @@ def combine_splits(out, lse, dtype):
 
 
 def sparse_mla_decode_triton(q, kv_cache, layer, indices, *, scale, v_dim=512, block_h=32, block_k=64, num_warps=4,
-                             num_stages=2, num_splits=1, interpret=False):
+                             num_stages=2, num_splits=1, walk_all=True, interpret=False):
     """Same contract as `sparse_mla_decode_reference`: q [B, T, H, D], kv_cache [L, B, S, D] (bf16 or float32,
-    read in place), layer int32 scalar (may be traced), indices [B, T, K] -> [B, T, H, v_dim] in q's dtype."""
+    read in place), layer int32 scalar (may be traced), indices [B, T, K] -> [B, T, H, v_dim] in q's dtype.
+
+    walk_all: walk every index block of a split (a static trip count; the measured form), or
+    (False) only those up to the query's last used slot (same output; `blocks.py`), which skips
+    most of the work of a sequence shorter than K keys. Compiled offline
+    (experiments/triton_static.py, 2026-11-30), the data-dependent trip count spills 232 B at the
+    default tile, 29 spill accesses in the loop, against 32 B and 4 with the static one: it may
+    cost long contexts (every block used), where decode attention costs most, more than it saves
+    short ones. Hence off until timed: bench_kernels sweeps both (":used").
+    """
     b, t, h, d = q.shape
     k = indices.shape[-1]
     if kv_cache.dtype not in (jnp.bfloat16, jnp.float32):
@@ -116,12 +132,14 @@ def sparse_mla_decode_triton(q, kv_cache, layer, indices, *, scale, v_dim=512, b
         raise ValueError(f"sparse_mla_decode_triton: num_splits must be >= 1, got {num_splits}")
     block_h = min(block_h, next_pow2(h))
     blocks_per_split = -(-k // (block_k * num_splits))
-    kp = blocks_per_split * num_splits * block_k
+    # Whole blocks for every split, and a power of two of slots (a program loads the row to count its walk; the Triton
+    # lowering's arrays are powers of two). Blocks past the splits' are -1 and never walked.
+    kp = next_pow2(blocks_per_split * num_splits * block_k)
     # Only the indices are padded (-1: unused), a few bytes per selected row.
     idx = jnp.pad(indices.astype(jnp.int32).reshape(b * t, k), ((0, 0), (0, kp - k)), constant_values=-1)
     out_dtype = q.dtype if num_splits == 1 else jnp.float32
     kernel = functools.partial(_decode_kernel, scale=scale, v_dim=v_dim, queries=t, block_h=block_h,
-                               block_k=block_k, blocks_per_split=blocks_per_split)
+                               block_k=block_k, blocks_per_split=blocks_per_split, walk_all=walk_all)
     out, lse = pl.pallas_call(
         kernel,
         grid=(b * t, -(-h // block_h), num_splits),

@@ -101,6 +101,22 @@ def test_index_configs_name_their_kernel():
         bench.index_tiles("2:128:8:3:fast")
 
 
+def test_attention_configs_name_the_walk():
+    """":all" walks every index block in the forward (the default stops at the last used slot); ":used" stops there in
+    decode (whose default walks every block)."""
+    from experiments import bench_kernels as bench
+    tiles = {"block_h": 32, "block_k": 64, "num_warps": 4}
+    assert bench.fwd_tiles("32:64:4:2") == tiles | {"num_stages": 2}
+    assert bench.fwd_tiles("32:64:4:2:all") == tiles | {"num_stages": 2, "walk_all": True}
+    assert bench.fwd_tiles("64:32:8:2:v2:all") == {"block_h": 64, "block_k": 32, "num_warps": 8, "num_stages": 2,
+                                                   "v_split": 2, "walk_all": True}
+    assert bench.decode_mla_tiles("32:64:4:1") == tiles | {"num_splits": 1, "walk_all": True}
+    assert bench.decode_mla_tiles("32:64:4:1:used") == tiles | {"num_splits": 1, "walk_all": False}
+    for bad, parse in (("32:64:4:2:used", bench.fwd_tiles), ("32:64:4:1:all", bench.decode_mla_tiles)):
+        with pytest.raises(ValueError, match="want block_h:block_k"):
+            parse(bad)
+
+
 @pytest.mark.parametrize("module, flags, key", [
     ("experiments.bench_attention", ["--preset=tiny", "--seq_lens=64,128", "--topk=16"], "rows"),
     ("experiments.bench_decode", ["--preset=tiny", "--layers=2", "--heads=4", "--kv_lora_rank=32", "--index_heads=4",
