@@ -9,10 +9,11 @@ the measured bf16 peak) with the epilogue serialised behind each matmul. Here, a
 one CTA holds three warpgroups:
 - a producer (40 registers) streams key tiles [block_s, D] and their scales by TMA into a ring of
   `num_stages` shared-memory slots, each guarded by a "loaded" and a "consumed" barrier;
-- two consumers each own `block_t` queries (their q [block_t, H, D] and w stay in shared memory /
-  registers) and, per key block, issue one wgmma per query (keys x heads: A = the key tile, B =
-  q[t]ᵀ, accumulator [block_s, H] float32), so each key's head sum runs along its accumulator row,
-  within a thread and a quad. With `pingpong` (default) they take turns, as FlashAttention 3's
+- two consumers each own `block_t` queries (their q [block_t·H, D] and w stay in shared memory /
+  registers) and, per key block, issue one wgmma for all of them (keys x (query, head): A = the
+  key tile, B = qᵀ, accumulator [block_s, block_t·H] float32; N <= 256, so up to 4 queries at
+  H = 64; one wgmma per query read the key tile from shared memory block_t times), so each key's
+  head sum runs along its accumulator row, within a thread and a quad. With `pingpong` (default) they take turns, as FlashAttention 3's
   schedule barrier does: a consumer issues its matmuls only once the other has issued its own, so
   one runs its epilogue while the tensor core serves the other (without it the two start together
   and would stay in step, epilogues overlapping each other rather than the matmuls). Both read
@@ -44,6 +45,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 BLOCK_T, BLOCK_S, NUM_STAGES = 2, 128, 3  # queries per consumer, keys per step, ring slots
 _CONSUMERS = 2
+_MAX_N = 256  # wgmma's largest N
 ROW = plgpu.Layout.WGMMA.reduce(1)  # a [block_s] vector along the accumulator's rows (one value per key)
 COL = plgpu.Layout.WGMMA.reduce(0)  # a [H] vector along its columns (one value per head)
 # JAX 0.10's plgpu.load takes the index as a positional argument (0.11 deprecates it for ref.at[...]), and
@@ -53,11 +55,13 @@ JAX_010 = _LOAD_IDX is not None and _LOAD_IDX.default is inspect.Parameter.empty
 
 
 def check_operands(caller, q, k, block_s, **counts):
-    """Raises a ValueError unless q and k are one wgmma dtype (bf16, f16, fp8 e4m3), block_s a multiple of 64
-    (wgmma's M) and each of `counts` (tile counts) at least 1."""
+    """Raises a ValueError unless q [B, T, H, D] and k are one wgmma dtype (bf16, f16, fp8 e4m3), H padded at most
+    256 (wgmma's N), block_s a multiple of 64 (wgmma's M) and each of `counts` (tile counts) at least 1."""
     if q.dtype != k.dtype or jnp.dtype(q.dtype) not in map(jnp.dtype, (jnp.bfloat16, jnp.float16, jnp.float8_e4m3fn)):
         raise ValueError(f"{caller}: q and the keys must both be bf16, f16 or float8_e4m3fn (wgmma operands), got "
                          f"{q.dtype} and {k.dtype}")
+    if padded_heads(q.shape[2]) > _MAX_N:
+        raise ValueError(f"{caller}: at most {_MAX_N} heads (wgmma's N), got {q.shape[2]}")
     if block_s % 64 or min(counts.values()) < 1:
         raise ValueError(f"{caller}: block_s must be a multiple of 64 (wgmma's M) and "
                          f"{', '.join(counts)} >= 1; got block_s={block_s}, "
@@ -107,19 +111,28 @@ def fill_masked(ninf_smem, interpreted):
         ninf_smem[i] = in_layout(jnp.full((block_s,), -jnp.inf, jnp.float32), ROW, interpreted)
 
 
-def block_logits(k_tile, q_tiles, after_issue=None):
-    """Logits [block_s, H] float32 of the key tile (smem [block_s, D]) against each query's heads (q_tiles: smem
-    [H, D] refs), one wgmma each; after_issue runs once they are issued, before their results are read."""
-    block_s, hp = k_tile.shape[0], q_tiles[0].shape[0]
+def block_logits(k_tile, q_tile, heads, after_issue=None):
+    """Logits [block_s, heads] float32 of the key tile (smem [block_s, D]) against each query's heads (q_tile: smem
+    [queries · heads, D], query-major), as a list per query; after_issue runs once the matmuls are issued, before
+    their results are read.
+
+    As few wgmmas as wgmma's N allows (<= 256 columns: one at V3.2's 64 heads and up to 4 queries), not one per
+    query: each wgmma reads the key tile from shared memory again, and a wide N runs at a better rate.
+    """
+    block_s, n = k_tile.shape[0], q_tile.shape[0]
+    width = _MAX_N // heads * heads
+    starts = range(0, n, width)
 
     def run(*acc_refs):
-        for acc, q in zip(acc_refs, q_tiles, strict=True):
-            plgpu.wgmma(acc, k_tile, transposed(q))
+        for acc, start in zip(acc_refs, starts, strict=True):
+            plgpu.wgmma(acc, k_tile, transposed(q_tile if len(starts) == 1 else q_tile.at[pl.ds(start, acc.shape[1])]))
         if after_issue is not None:
             after_issue()
-        return [acc[...] for acc in acc_refs]
+        accs = [acc[...] for acc in acc_refs]
+        split = [divmod(i * heads, width) for i in range(n // heads)]  # (wgmma, first column) of each query
+        return [accs[c][:, col:col + heads] for c, col in split]
 
-    return pl.run_scoped(run, *[plgpu.ACC((block_s, hp), jnp.float32)] * len(q_tiles))
+    return pl.run_scoped(run, *[plgpu.ACC((block_s, min(width, n - start)), jnp.float32) for start in starts])
 
 
 def produce_keys(steps, num_stages, rows, k_ref, ks_ref, k_smem, ks_smem, loaded, consumed):
@@ -174,7 +187,7 @@ def _scores_kernel(steps_ref, limit_ref, q_ref, w_ref, k_ref, ks_ref, out_ref, *
                    pingpong, interpreted):
     """Grid (tiles, B), 3 warpgroups: consumers 0 and 1 (block_t queries each), the producer 2 (module docstring)."""
     b, tile = jax.lax.axis_index("batch"), jax.lax.axis_index("tile")
-    _, _, hp, d = q_ref.shape
+    hp, d = w_ref.shape[2], q_ref.shape[2]
     num_blocks = out_ref.shape[2] // block_s
     steps = steps_ref[b, tile]  # key blocks any of the CTA's queries sees
     transforms = smem_transforms(k_ref.dtype)
@@ -191,7 +204,7 @@ def _scores_kernel(steps_ref, limit_ref, q_ref, w_ref, k_ref, ks_ref, out_ref, *
         def _consumer():
             plgpu.set_max_registers(232, action="increase")
             first = (tile * _CONSUMERS + wg) * block_t  # this consumer's first query
-            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(first, block_t)], q_smem.at[wg], q_barrier.at[wg])
+            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(first * hp, block_t * hp)], q_smem.at[wg], q_barrier.at[wg])
             plgpu.copy_gmem_to_smem(w_ref.at[b, pl.ds(first, block_t)], w_smem.at[wg], q_barrier.at[wg])
             limits = [limit_ref[b, first + t] for t in range(block_t)]
             fill_masked(ninf_smem.at[wg], interpreted)
@@ -207,7 +220,7 @@ def _scores_kernel(steps_ref, limit_ref, q_ref, w_ref, k_ref, ks_ref, out_ref, *
                 slot = jax.lax.rem(step, num_stages)
                 plgpu.barrier_wait(k_barriers.at[slot])
                 # take_turns: the other consumer's epilogue ran during these matmuls; now it issues its own.
-                accs = block_logits(k_smem.at[slot], [q_smem.at[wg, t] for t in range(block_t)], take_turns)
+                accs = block_logits(k_smem.at[slot], q_smem.at[wg], hp, take_turns)
                 k_scale = load_in_layout(ks_smem.at[slot], ROW, interpreted)
                 plgpu.barrier_arrive(consumed.at[slot])  # the slot's key tile and scales are in registers now
                 store_scores(o_smem.at[wg], step, accs, weights, k_scale, keys + step * block_s, limits, dst(step))
@@ -223,7 +236,7 @@ def _scores_kernel(steps_ref, limit_ref, q_ref, w_ref, k_ref, ks_ref, out_ref, *
 
     pl.run_scoped(
         body,
-        plgpu.SMEM((_CONSUMERS, block_t, hp, d), q_ref.dtype, transforms=transforms),
+        plgpu.SMEM((_CONSUMERS, block_t * hp, d), q_ref.dtype, transforms=transforms),
         plgpu.SMEM((_CONSUMERS, block_t, hp), jnp.float32),
         plgpu.SMEM((num_stages, block_s, d), k_ref.dtype, transforms=transforms),
         plgpu.SMEM((num_stages, block_s), jnp.float32),
@@ -258,6 +271,9 @@ def indexer_scores_mosaic_gpu(q, k, w, k_scale, k_len, positions, *, q_offset=0,
     row = 128 // jnp.dtype(q.dtype).itemsize  # elements per swizzled row
     per_cta = _CONSUMERS * block_t
     tp, sp, hp, dp = -(-tc // per_cta) * per_cta, -(-s // block_s) * block_s, padded_heads(h), -(-d // row) * row
+    # Each consumer's w [block_t, H] is a TMA destination at w_smem.at[consumer]: 128-byte aligned only if
+    # block_t · H · 4 bytes are (odd block_t at H = 16, 48, ...: 16 heads more, of weight 0).
+    hp += 16 if block_t * hp % 32 else 0
     q = jnp.pad(q, ((0, 0), (0, tp - tc), (0, hp - h), (0, dp - d)))
     w = jnp.pad(w.astype(jnp.float32), ((0, 0), (0, tp - tc), (0, hp - h)))
     # Padded to whole blocks: the TMA's tiled view of k needs S % 8 == 0 (and its scales rows of 16-byte multiples).
@@ -277,7 +293,8 @@ def indexer_scores_mosaic_gpu(q, k, w, k_scale, k_len, positions, *, q_offset=0,
         thread_name="wg",
         interpret=interpret_params() if interpret else False,
     )
-    return kernel(steps, limit, q, w, k, k_scale)[:, :tc, :s]
+    # q as [B, Tp·H, D]: a consumer's queries are one wgmma operand (`block_logits`).
+    return kernel(steps, limit, q.reshape(b, tp * hp, dp), w, k, k_scale)[:, :tc, :s]
 
 
 def interpret_params():

@@ -8,8 +8,8 @@ the Triton kernel reached 30 % of the H200's HBM bandwidth; its scores kernel to
 the step. Here each CTA streams a span of `blocks` key blocks of one sequence through a ring of
 `num_stages` shared-memory slots by TMA (a producer warpgroup: the loads of the next blocks are in
 flight while a block is scored; 4 slots of 32 KiB bf16 keys are 128 KiB in flight per SM), and one
-consumer warpgroup scores each block with one wgmma per query (keys x heads: A = the key tile,
-B = q[t]ᵀ; accumulator [block_s, H] float32, as `pallas_kernels/indexer/mosaic_gpu.py`) and
+consumer warpgroup scores each block with one wgmma for the T queries (keys x (query, head): A =
+the key tile, B = qᵀ; accumulator [block_s, T·H] float32, as `pallas_kernels/indexer/mosaic_gpu.py`) and
 writes it by TMA. At V3.2's shapes a block's matmul and epilogue take far less time than its
 bytes at an SM's share of the bandwidth, so one consumer keeps up.
 - The layer is an operand (traced in the model's layer scan) and the TMA reads at (layer, b, block)
@@ -86,7 +86,7 @@ def _decode_kernel(layer_ref, klen_ref, steps_ref, q_ref, w_ref, k_ref, *rest, b
             def _step(step):
                 slot = jax.lax.rem(step, num_stages)
                 plgpu.barrier_wait(k_barriers.at[slot])
-                accs = block_logits(k_smem.at[slot], [q_smem.at[pl.ds(i * hp, hp)] for i in range(t)])
+                accs = block_logits(k_smem.at[slot], q_smem, hp)
                 k_scale = None if ks_ref is None else load_in_layout(ks_smem.at[slot], ROW, interpreted)
                 plgpu.barrier_arrive(consumed.at[slot])  # the slot's keys and scales are in registers now
                 store_scores(o_smem, step, accs, weights, k_scale, keys + (first + step) * block_s, limits, dst(step))

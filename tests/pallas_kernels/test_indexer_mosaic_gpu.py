@@ -3,6 +3,8 @@
 through indexer_topk_triton / indexer_topk_decode_triton, the reference; they lower for CUDA at V3.2 shapes on any
 JAX."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,6 +42,9 @@ needs_interpreter = pytest.mark.skipif(mosaic_gpu.JAX_010, reason="JAX 0.10's Mo
     (jnp.bfloat16, 1, 8, 256, 16, 64, 250, [256], {"block_t": 2, "block_s": 64, "num_stages": 2}),
     # fp8 with key scales, D 128 (one swizzled row), 128-key blocks, k_len < S
     (jnp.float8_e4m3fn, 2, 5, 300, 8, 128, 200, [300, 170], {"block_t": 2, "block_s": 128, "num_stages": 3}),
+    # H 100 -> 112 -> 128 (3 x 112 x 4 bytes of w would misalign the second consumer's TMA): 3 x 128 columns are
+    # two wgmmas (256 + 128, wgmma's N <= 256)
+    (jnp.bfloat16, 1, 9, 140, 100, 64, 0, [140], {"block_t": 3, "block_s": 64, "num_stages": 2}),
 ])
 def test_scores_equal_the_triton_kernel(dtype, b, t, s, h, d, q_offset, k_len, tiles):
     """Same -inf mask, same scores up to summation order (the Triton kernel in IEEE float32 on the same inputs)."""
@@ -97,6 +102,9 @@ def test_rejects_float32_and_bad_tiles():
         run(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), block_s=96)
     with pytest.raises(ValueError, match="pingpong needs num_stages >= 2"):
         run(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), num_stages=1)
+    with pytest.raises(ValueError, match="at most 256 heads"):
+        mosaic_gpu.indexer_scores_mosaic_gpu(jnp.zeros((1, 4, 257, 64), jnp.bfloat16), k.astype(jnp.bfloat16),
+                                             jnp.zeros((1, 4, 257)), k_scale, kl, jnp.arange(4))
 
 
 def decode_inputs(layers, b, t, s, h, d, dtype, scaled):
@@ -109,15 +117,17 @@ def decode_inputs(layers, b, t, s, h, d, dtype, scaled):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("dtype, t, s, d, k_len, scaled, tiles", [
+@pytest.mark.parametrize("dtype, t, s, h, d, k_len, scaled, tiles", [
     # S = 296: the last of 5 blocks partial (TMA fills its rows past S with zeros), 2 CTAs per sequence, k_len 0
-    (jnp.bfloat16, 1, 296, 64, [[296], [0]], False, {"block_s": 64, "blocks": 3, "num_stages": 2}),
+    (jnp.bfloat16, 1, 296, 12, 64, [[296], [0]], False, {"block_s": 64, "blocks": 3, "num_stages": 2}),
     # fp8 with key scales, two queries (MTP), k_len below one block and mid-span, one slot
-    (jnp.float8_e4m3fn, 2, 520, 128, [[520, 37], [5, 250]], True, {"block_s": 128, "blocks": 3, "num_stages": 1}),
+    (jnp.float8_e4m3fn, 2, 520, 12, 128, [[520, 37], [5, 250]], True, {"block_s": 128, "blocks": 3, "num_stages": 1}),
+    # 3 queries of 100 -> 112 heads: two wgmmas (224 + 112 columns, wgmma's N <= 256)
+    (jnp.bfloat16, 3, 136, 100, 64, [[136, 70, 1], [9, 136, 64]], False, {"block_s": 64, "blocks": 2, "num_stages": 2}),
 ])
-def test_decode_scores_equal_the_triton_kernel(dtype, t, s, d, k_len, scaled, tiles):
+def test_decode_scores_equal_the_triton_kernel(dtype, t, s, h, d, k_len, scaled, tiles):
     """Layer 1 of a 3-layer cache read in place: the Triton decode kernel's -inf mask and scores (IEEE float32)."""
-    q, k_cache, w, k_scale = decode_inputs(3, 2, t, s, 12, d, dtype, scaled)
+    q, k_cache, w, k_scale = decode_inputs(3, 2, t, s, h, d, dtype, scaled)
     kl = jnp.asarray(k_len, jnp.int32)
     got = np.asarray(mosaic_gpu_decode.indexer_scores_decode_mosaic_gpu(q, k_cache, w, 1, kl, k_scale, interpret=True,
                                                                         **tiles))
@@ -155,6 +165,40 @@ def test_decode_lowers_for_cuda_at_v32_shapes(dtype, t):
     fn = lambda q, kc, w, layer, kl, ks: indexer_topk_decode_triton(q, kc, w, layer, kl, topk=2048, mosaic_gpu=True,
                                                                      k_scale=ks if scaled else None)
     assert export_for_cuda(fn, args).mlir_module().count("custom_call @mosaic_gpu") == 1
+
+
+@pytest.fixture
+def mosaic_modules(monkeypatch):
+    """The Mosaic GPU modules (MLIR text) of the kernels lowered in the test (JAX 0.11+: the custom call's emitter)."""
+    from jax._src.pallas.mosaic_gpu import pallas_call_registration as registration
+    emit = getattr(registration, "_emit_mosaic_gpu_custom_call", None)
+    if emit is None:
+        pytest.skip("JAX 0.10 emits the Mosaic GPU custom call elsewhere")
+    modules = []
+
+    def capture(ctx, args, lowering_result, *rest, **kwargs):
+        modules.append(str(lowering_result.module.operation))
+        return emit(ctx, args, lowering_result, *rest, **kwargs)
+
+    monkeypatch.setattr(registration, "_emit_mosaic_gpu_custom_call", capture)
+    return modules
+
+
+@pytest.mark.parametrize("dtype, tiles, shape", [
+    (jnp.bfloat16, {}, "m64n128k16.f32.bf16.bf16"),  # 2 queries x 64 heads
+    (jnp.bfloat16, {"block_t": 4, "block_s": 64}, "m64n256k16.f32.bf16.bf16"),
+    (jnp.float8_e4m3fn, {"num_stages": 4}, "m64n128k32.f32.e4m3.e4m3"),
+])
+def test_one_wgmma_per_key_block_for_all_queries(dtype, tiles, shape, mosaic_modules):
+    """A consumer scores its queries with one wgmma per key block (N = block_t x 64 heads), not one per query, which
+    read the key tile from shared memory again for each."""
+    sd = jax.ShapeDtypeStruct
+    args = (sd((1, 512, 64, 128), dtype), sd((1, 4096, 128), dtype), sd((1, 512, 64), jnp.float32),
+            sd((1, 4096), jnp.float32), sd((1,), jnp.int32), sd((512,), jnp.int32))
+    export_for_cuda(lambda *a: mosaic_gpu.indexer_scores_mosaic_gpu(*a, **tiles), args)
+    [module] = mosaic_modules
+    # Every wgmma instruction (M = 64 rows of the key tile, one K step each) has the consumer's whole N.
+    assert set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m64n\d+k\d+\S*?) ", module)) == {shape}
 
 
 def test_decode_rejects_what_it_cannot_read_in_place():
