@@ -78,10 +78,14 @@ if [[ $PART == all || $PART == kernels || $PART == sweep ]]; then
   bench() { local name=$1 cap=$2 parts=$3 json=$4; shift 4
     step "$name" "$cap" python3 -m experiments.bench_kernels --parts="$parts" "${tiles[@]}" \
       --out="$OUT/bench_kernels_$json.json" "$@"; }
+  # mgpu_dump COMMAND...: with ptxas' report (registers, spills) of each Mosaic GPU kernel compiled in $OUT/mgpu_ptxas:
+  # the variables are named in the 0.11.2 CUDA plugin; what they write is unverified (no GPU when this was written).
+  mgpu_dump() { mkdir -p "$OUT/mgpu_ptxas"; MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_TO="$OUT/mgpu_ptxas" "$@"; }
   if [[ $PART == sweep ]]; then
     bench "decode indexer, Triton tiles (B=64, S=128K, T=1) on the stacked cache vs the old path (layer slice)" \
       "${caps[0]}" decode decode "${decode_triton[@]}"
-    bench "decode indexer, Mosaic GPU tiles vs the Triton default" "${caps[5]}" decode decode_mgpu "${decode_mgpu[@]}"
+    mgpu_dump bench "decode indexer, Mosaic GPU tiles vs the Triton default" "${caps[5]}" decode decode_mgpu \
+      "${decode_mgpu[@]}"
   else
     bench "decode indexer (B=64, S=128K, T=1) on the stacked cache vs the old path (layer slice)" "${caps[0]}" decode \
       decode
@@ -93,7 +97,7 @@ if [[ $PART == all || $PART == kernels || $PART == sweep ]]; then
   prefill=()  # the forward step's timings, unless it wrote none (cut by its cap)
   [[ -f $OUT/bench_kernels_sparse_mla.json ]] && prefill=(--prefill_from="$OUT/bench_kernels_sparse_mla.json")
   if [[ $PART == sweep ]]; then
-    bench "indexer + top-k, Mosaic GPU scores vs the Triton default: check, then time; DSA vs cuDNN dense" \
+    mgpu_dump bench "indexer + top-k, Mosaic GPU scores vs the Triton default: check, then time; DSA vs cuDNN dense" \
       "${caps[3]}" indexer indexer_mgpu "${prefill[@]}" "${mgpu[@]}"
     bench "indexer + top-k, Triton tiles and variants: check, then time; DSA vs cuDNN dense" "${caps[4]}" indexer \
       indexer "${prefill[@]}" "${triton[@]}"
