@@ -78,9 +78,10 @@ if [[ $PART == all || $PART == kernels || $PART == sweep ]]; then
   bench() { local name=$1 cap=$2 parts=$3 json=$4; shift 4
     step "$name" "$cap" python3 -m experiments.bench_kernels --parts="$parts" "${tiles[@]}" \
       --out="$OUT/bench_kernels_$json.json" "$@"; }
-  # mgpu_dump COMMAND...: with ptxas' report (registers, spills) of each Mosaic GPU kernel compiled in $OUT/mgpu_ptxas:
-  # the variables are named in the 0.11.2 CUDA plugin; what they write is unverified (no GPU when this was written).
-  mgpu_dump() { mkdir -p "$OUT/mgpu_ptxas"; MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_TO="$OUT/mgpu_ptxas" "$@"; }
+  # mgpu_dump COMMAND...: ptxas' report (registers, spills) of each Mosaic GPU kernel it compiles, printed into the
+  # log ("ptxas info" lines; Mosaic GPU's MOSAIC_GPU_DUMP_PTXAS). Not MOSAIC_GPU_DUMP_TO: setting it turns on every
+  # dump (the module before and after each MLIR pass, PTX, SASS), far too much for a device call.
+  mgpu_dump() { MOSAIC_GPU_DUMP_PTXAS=1 "$@"; }
   if [[ $PART == sweep ]]; then
     bench "decode indexer, Triton tiles (B=64, S=128K, T=1) on the stacked cache vs the old path (layer slice)" \
       "${caps[0]}" decode decode "${decode_triton[@]}"
