@@ -291,8 +291,8 @@ def decode_tiles(cfg):
 
 def decode_mla_tiles(cfg):
     """sparse_mla_decode_triton's keywords of a --decode_mla_configs entry (":used": walk_all=False)."""
-    tiles = _tiles(cfg, "decode_mla_configs", ("block_h", "block_k", "num_warps", "num_splits"), "used", "walk_all")
-    return tiles | {"walk_all": not tiles["walk_all"]}
+    tiles = _tiles(cfg, "decode_mla_configs", ("block_h", "block_k", "num_warps", "num_splits"), "used", "walk_used")
+    return tiles | {"walk_all": not tiles.pop("walk_used")}
 
 
 def _index_label(cfg):

@@ -364,13 +364,10 @@ def _bwd_kernel(idx_smem, weight_vmem, q_ref, do_ref, lse_ref, delta_ref, kv_hbm
         return carry
 
     jax.lax.fori_loop(0, num_blocks, body, 0)
-    for back in (2, 1):  # the write-backs not yet waited for: blocks num_blocks - 2 and num_blocks - 1
-        last = num_blocks - back
-        if isinstance(last, int):  # a static walk
-            if last >= 0:
-                g_out(last, "wait")
-        else:
-            pl.when(last >= 0)(functools.partial(g_out, last, "wait"))
+    # The write-backs not yet waited for: blocks num_blocks - 2 and num_blocks - 1 (pl.when: a plain `if` when the
+    # walk is static, a cond when it is counted).
+    for back in (2, 1):
+        pl.when(num_blocks >= back)(functools.partial(g_out, num_blocks - back, "wait"))
 
     dq_ref[...] = dq_acc[...].astype(dq_ref.dtype)
 
