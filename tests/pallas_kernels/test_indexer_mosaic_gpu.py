@@ -27,7 +27,7 @@ from tests.pallas_kernels.test_indexer import (
     same_selection,
 )
 
-# JAX 0.10's GPU interpreter has no transposed wgmma operand (the kernel's q[t]ᵀ); .ci/jax_versions runs these.
+# JAX 0.10's GPU interpreter has no transposed wgmma operand (the kernel's q[t]ᵀ); .ci/run runs them under 0.11.2.
 needs_interpreter = pytest.mark.skipif(mosaic_gpu.JAX_010, reason="JAX 0.10's Mosaic GPU interpreter lacks "
                                        "transposed wgmma operands")
 
