@@ -13,11 +13,12 @@ one CTA holds three warpgroups:
   registers) and, per key block, issue one wgmma for all of them (keys x (query, head): A = the
   key tile, B = qᵀ, accumulator [block_s, block_t·H] float32; N <= 256, so up to 4 queries at
   H = 64; one wgmma per query read the key tile from shared memory block_t times), so each key's
-  head sum runs along its accumulator row, within a thread and a quad. With `pingpong` (default) they take turns, as FlashAttention 3's
-  schedule barrier does: a consumer issues its matmuls only once the other has issued its own, so
-  one runs its epilogue while the tensor core serves the other (without it the two start together
-  and would stay in step, epilogues overlapping each other rather than the matmuls). Both read
-  the same key tile, so a key is read from L2 once per 2·block_t queries.
+  head sum runs along its accumulator row, within a thread and a quad. With `pingpong` (default)
+  they take turns, as FlashAttention 3's schedule barrier does: a consumer issues its matmuls only
+  once the other has issued its own, so one runs its epilogue while the tensor core serves the
+  other (without it the two start together and would stay in step, epilogues overlapping each
+  other rather than the matmuls). Both read the same key tile, so a key is read from L2 once per
+  2·block_t queries.
 - a consumer writes its [block_t, block_s] scores through shared memory by TMA (double-buffered),
   and -inf into the blocks past the CTA's last visible key, which are neither loaded nor scored.
 The trip count is per CTA, from the positions (`_key_steps`): a causal chunk's early query tiles
